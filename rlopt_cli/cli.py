@@ -1,0 +1,30 @@
+"""The `rlopt` command: thin Typer commands over the library. Importing this module imports no torch.
+
+Each command lives in rlopt_cli/commands/<name>.py and does its heavy imports inside the function, so
+`rlopt --help` answers instantly. User errors (`RloptError`) print one line and exit 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from rlopt_cli.commands import demo, eval_cmd, train_cmd
+
+app = typer.Typer(
+    name="rlopt",
+    help="Study optimizers in RL of LLMs: GRPO/SFT runs, evals, sweeps and update sparsity.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("train")(train_cmd.train)
+app.command("eval")(eval_cmd.eval_checkpoint)
+app.command("demo")(demo.demo)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""Run configuration: frozen dataclasses, TOML recipes and dotted `key=value` overrides.
+
+Data flows one way: a recipe (TOML) plus overrides becomes a `RunConfig`, the trainer reads it, and the fully
+resolved config is written beside the results as `config.toml`. Nothing mutates a config after it is built;
+derived values are properties. This module imports no torch, so the CLI stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from rlopt_cli.errors import RloptError, close_matches
+from rlopt_cli.optimizers import OPTIMIZERS, check_optimizer_args
+
+OBJECTIVES = ("grpo", "sft")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+PRECISIONS = ("fp32", "bf16-autocast")
+SAVE_DTYPES = ("bfloat16", "float32", "float16")
+SCHEDULES = ("constant", "cosine")
+
+
+def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise RloptError(f"{key} = {value!r} is not one of {', '.join(choices)}{close_matches(value, choices)}")
+
+
+def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise RloptError(f"{key} = {value} must be {bound}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "embedded"
+    """'embedded' builds the tiny Qwen2 model from the dims below (no download); else a local HF folder or hub id."""
+    hidden_size: int = 128
+    """Embedded model: width. 128 x 4 layers with the 48-char vocabulary is about 1.06M parameters."""
+    intermediate_size: int = 512
+    """Embedded model: MLP width (4x hidden, as in the reference TRL baseline)."""
+    num_layers: int = 4
+    """Embedded model: transformer blocks."""
+    num_heads: int = 4
+    """Embedded model: attention heads (and key/value heads: no GQA at this size)."""
+    init_seed: int = 0
+    """Embedded model: seed of the random initialisation that the warm-up starts from."""
+    warmup_steps: int = 300
+    """Embedded model: SFT steps (AdamW) that bring it to a middling accuracy (~50%) so RL has headroom;
+    0 = random init. Measured: 0.5% at 100 steps, 24% at 275, 50% at 300, 70% at 400."""
+    warmup_lr: float = 1e-3
+    """Embedded model: AdamW learning rate of the warm-up."""
+    warmup_batch_size: int = 64
+    """Embedded model: examples per warm-up step."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (real models on a GPU)."""
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "warmup_batch_size"):
+            _positive(getattr(self, key), f"model.{key}")
+        _positive(self.warmup_steps, "model.warmup_steps", allow_zero=True)
+        _positive(self.warmup_lr, "model.warmup_lr")
+        if self.hidden_size % self.num_heads:
+            raise RloptError(
+                f"model.hidden_size = {self.hidden_size} must be divisible by model.num_heads = {self.num_heads}"
+            )
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.name_or_path == "embedded"
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "arithmetic"
+    """Which task (see rlopt_cli/tasks): its data, answer extraction and verifier."""
+    digits: int = 2
+    """Arithmetic: digits per operand (the difficulty knob)."""
+    n_eval: int = 200
+    """Size of the held-out eval split (arithmetic), or a cap on the eval file's rows (0 = all)."""
+    split_seed: int = 0
+    """Seed of the task's generator and of its train/eval split; fixed across runs so every run sees one split."""
+    train_file: str = ""
+    """File-backed tasks: path of the train split (JSONL or Parquet)."""
+    eval_file: str = ""
+    """File-backed tasks: path of the eval split (JSONL or Parquet)."""
+    answer_mode: str = "flexible"
+    """GSM8K: 'strict' takes the number after '####', 'flexible' the last number in the completion."""
+    chat_template: bool = True
+    """Wrap prompts in the tokenizer's chat template when it has one (the embedded tokenizer has none)."""
+
+    def __post_init__(self) -> None:
+        _positive(self.digits, "task.digits")
+        _positive(self.n_eval, "task.n_eval", allow_zero=True)
+        _choice(self.answer_mode, ("strict", "flexible"), "task.answer_mode")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO knobs, named as in TRL's GRPOConfig (README maps them to verl and OpenRLHF)."""
+
+    num_generations: int = 8
+    """G: completions sampled per prompt; the group that advantages are normalised within."""
+    batch_size: int = 32
+    """Completions per optimizer step (prompts per step = batch_size / num_generations)."""
+    micro_batch_size: int = 0
+    """Completions per forward/backward pass (gradient accumulation); 0 = the whole batch at once."""
+    max_completion_length: int = 6
+    """Tokens generated per completion at most (a 2-digit sum needs at most 4 with EOS)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    beta: float = 0.0
+    """KL coefficient (k3 estimator against a frozen reference); 0 = no reference model is loaded."""
+    epsilon: float = 0.2
+    """Lower clip bound of the importance ratio: 1 - epsilon."""
+    epsilon_high: float | None = None
+    """Upper clip bound: 1 + epsilon_high (DAPO's clip-higher uses 0.28); unset = epsilon."""
+    num_iterations: int = 1
+    """Policy updates per generated batch (PPO epochs, verl's ppo_epochs)."""
+    scale_rewards: str = "group"
+    """Divide advantages by the reward std of the 'group', the whole 'batch', or 'none' (Dr. GRPO)."""
+    loss_type: str = "dapo"
+    """Loss aggregation: grpo (per-sequence mean), bnpo (per micro-batch token mean), dr_grpo (/ B*L_max), dapo."""
+    mask_truncated_completions: bool = False
+    """Exclude completions that hit max_completion_length without EOS from the loss (DAPO)."""
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise RloptError(f"grpo.num_generations = {self.num_generations} must be >= 2 (advantages need a group)")
+        _positive(self.batch_size, "grpo.batch_size")
+        if self.batch_size % self.num_generations:
+            raise RloptError(
+                f"grpo.batch_size = {self.batch_size} is not divisible by grpo.num_generations = "
+                f"{self.num_generations}; set a batch_size that is a multiple of it"
+            )
+        _positive(self.micro_batch_size, "grpo.micro_batch_size", allow_zero=True)
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise RloptError(
+                f"grpo.batch_size = {self.batch_size} is not divisible by grpo.micro_batch_size = "
+                f"{self.micro_batch_size}"
+            )
+        _positive(self.max_completion_length, "grpo.max_completion_length")
+        _positive(self.temperature, "grpo.temperature")
+        _positive(self.beta, "grpo.beta", allow_zero=True)
+        _positive(self.epsilon, "grpo.epsilon", allow_zero=True)
+        if self.epsilon_high is not None:
+            _positive(self.epsilon_high, "grpo.epsilon_high", allow_zero=True)
+        _positive(self.num_iterations, "grpo.num_iterations")
+        _choice(self.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
+        _choice(self.loss_type, LOSS_TYPES, "grpo.loss_type")
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.batch_size // self.num_generations
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    batch_size: int = 64
+    """Examples per optimizer step; the loss is the mean NLL of the reference completion's tokens (+ EOS)."""
+
+    def __post_init__(self) -> None:
+        _positive(self.batch_size, "sft.batch_size")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """One optimizer with explicit arguments. Unset (None) arguments take the registry's defaults; an
+    argument the optimizer does not have is an error (never silently dropped, unlike transformers#44075)."""
+
+    name: str = "sgd"
+    """sgd | adamw | rmsprop (see rlopt_cli/optimizers.py)."""
+    lr: float = 0.01
+    """Learning rate. At the embedded size SGD wants ~1e-2 and AdamW ~1e-5 (measured, README)."""
+    weight_decay: float = 0.0
+    """Decoupled for adamw, coupled L2 for sgd/rmsprop; explicit 0 by default for every optimizer."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient L2 norm to this (0 = no clipping). With clipping active SGD is normalised SGD."""
+    momentum: float | None = None
+    """sgd, rmsprop: momentum factor (default 0: no state)."""
+    nesterov: bool | None = None
+    """sgd: Nesterov momentum (default false)."""
+    betas: tuple[float, float] | None = None
+    """adamw: (beta1, beta2), default (0.9, 0.999)."""
+    eps: float | None = None
+    """adamw, rmsprop: denominator epsilon, default 1e-8."""
+    alpha: float | None = None
+    """rmsprop: smoothing constant of the squared-gradient average, default 0.99."""
+    schedule: str = "constant"
+    """Learning-rate schedule after warm-up: constant (the paper's) or cosine to 0."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise RloptError(
+                f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}"
+                f"{close_matches(self.name, OPTIMIZERS)}"
+            )
+        if not self.lr > 0:
+            raise RloptError(f"optimizer.lr = {self.lr} must be a positive number, e.g. --lr 0.01")
+        _positive(self.weight_decay, "optimizer.weight_decay", allow_zero=True)
+        _positive(self.max_grad_norm, "optimizer.max_grad_norm", allow_zero=True)
+        _choice(self.schedule, SCHEDULES, "optimizer.schedule")
+        _positive(self.warmup_steps, "optimizer.warmup_steps", allow_zero=True)
+        check_optimizer_args(self.name, self.extra_args)
+
+    @property
+    def extra_args(self) -> dict[str, Any]:
+        """The optimizer-specific arguments the user set."""
+        keys = ("momentum", "nesterov", "betas", "eps", "alpha")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    objective: str = "grpo"
+    """grpo (RL from the verifier's reward) or sft (next-token loss on the task's reference solutions)."""
+    steps: int = 100
+    """Optimizer steps."""
+    seed: int = 0
+    """Seeds prompt order and sampling (explicit per-step generators), so a run repeats exactly on CPU."""
+    eval_every: int = 25
+    """Evaluate (greedy accuracy on the eval split) every this many steps, before step 1 and at the end."""
+    checkpoint_every: int = 50
+    """Save a checkpoint every this many steps, and always at the end."""
+    precision: str = "fp32"
+    """fp32, or bf16-autocast (bf16 compute, fp32 master weights)."""
+    save_dtype: str = "bfloat16"
+    """dtype of model.safetensors in checkpoints (HF exports are bf16; sparsity is judged on it)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, or cuda[:N]."""
+    run_name: str = ""
+    """Folder name under the output dir; empty = derived from task, objective, optimizer, lr and seed."""
+
+    def __post_init__(self) -> None:
+        _choice(self.objective, OBJECTIVES, "train.objective")
+        _positive(self.steps, "train.steps")
+        _positive(self.eval_every, "train.eval_every", allow_zero=True)
+        _positive(self.checkpoint_every, "train.checkpoint_every", allow_zero=True)
+        _choice(self.precision, PRECISIONS, "train.precision")
+        _choice(self.save_dtype, SAVE_DTYPES, "train.save_dtype")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    backend: str = "hf"
+    """Generation backend: hf (transformers forward with KV cache) or vllm (optional extra)."""
+    gpu_memory_utilization: float = 0.3
+    """vllm: fraction of GPU memory the colocated engine may take."""
+    eval_batch_size: int = 256
+    """Prompts per generation call during evaluation."""
+
+    def __post_init__(self) -> None:
+        _choice(self.backend, ("hf", "vllm"), "rollout.backend")
+        _positive(self.eval_batch_size, "rollout.eval_batch_size")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    wandb: bool = False
+    """Also log to Weights & Biases (offline mode when no API key is set)."""
+    wandb_project: str = "rlopt"
+    """W&B project."""
+    wandb_group: str = ""
+    """W&B group (a sweep sets it to the sweep's name)."""
+    progress: bool = True
+    """Show a rich progress bar."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_name(self) -> str:
+        """`{task}__{objective}__{optimizer}__lr{lr}__s{seed}`: the axes of a comparison, stable across resumes."""
+        if self.train.run_name:
+            return self.train.run_name
+        return (
+            f"{self.task.name}__{self.train.objective}__{self.optimizer.name}"
+            f"__lr{self.optimizer.lr:g}__s{self.train.seed}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dict <-> dataclass, with errors for people
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check one TOML value against a field's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise RloptError(f"{key} must be a list of {len(args)} numbers, e.g. [0.9, 0.999]; got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RloptError(f"{key} must be true or false; got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RloptError(f"{key} must be an integer; got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RloptError(f"{key} must be a number; got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RloptError(f"{key} must be a string; got {value!r}")
+        return value
+    return value
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a recipe or `--set` may name."""
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(RunConfig) for f in dataclasses.fields(
+        _field_types(RunConfig)[section.name])]
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from nested dicts; unknown sections or keys are errors naming close matches."""
+    sections = _field_types(RunConfig)
+    built: dict[str, Any] = {}
+    for name, values in data.items():
+        if name not in sections:
+            raise RloptError(f"unknown config section [{name}]; valid: {', '.join(sections)}"
+                             f"{close_matches(name, sections)}")
+        if not isinstance(values, dict):
+            raise RloptError(f"[{name}] must be a table of keys, got {values!r}")
+        cls = sections[name]
+        hints = _field_types(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise RloptError(f"unknown config key {name}.{key}{close_matches(f'{name}.{key}', valid_keys())}"
+                                 f" (valid keys in [{name}]: {', '.join(hints)})")
+            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        built[name] = cls(**kwargs)
+    return RunConfig(**built)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Nested plain dict of every field; unset optional fields (None) are left out, as TOML has no null."""
+    out: dict[str, Any] = {}
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        out[section.name] = {
+            f.name: list(v) if isinstance(v, tuple) else v
+            for f in dataclasses.fields(obj)
+            if (v := getattr(obj, f.name)) is not None
+        }
+    return out
+
+
+def to_toml(cfg: RunConfig) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or a syntax error is a one-line error with the line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise RloptError(f"recipe not found: {path} (check the path; recipes live in recipes/)")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise RloptError(f"malformed TOML in {path}: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RloptError(f"cannot read {path}: {err}") from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`'grpo.beta=0.04'` -> `('grpo.beta', 0.04)`; values are TOML literals, bare words are strings."""
+    if "=" not in item:
+        raise RloptError(f"override {item!r} must look like section.key=value, e.g. grpo.beta=0.04")
+    key, raw = (s.strip() for s in item.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `section.key` in a nested dict, rejecting keys the config does not have."""
+    if key not in valid_keys():
+        raise RloptError(f"unknown config key {key!r}{close_matches(key, valid_keys())}"
+                         " (run `rlopt train --help` or read recipes/default.toml for the valid keys)")
+    section, name = key.split(".", 1)
+    data.setdefault(section, {})[name] = value
+
+
+def load_config(
+    recipe: str | Path | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> RunConfig:
+    """recipe -> dict, then `--set` overrides, then CLI flags (dotted keys, None = not given), then validation."""
+    data: dict[str, Any] = read_toml(recipe) if recipe else {}
+    for item in overrides or []:
+        set_dotted(data, *parse_override(item))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_dotted(data, key, value)
+    return from_dict(data)

@@ -1,0 +1,115 @@
+"""GRPO math as pure functions: group advantages, per-token log-probs, the clipped surrogate with a k3 KL
+penalty, and the four loss aggregations. Each tensor line carries its shape. Tested against hand-computed
+numbers in tests/test_grpo.py.
+
+Conventions follow TRL's GRPOTrainer (`_compute_loss`): advantages (r - mean) / (std + 1e-4) with the unbiased
+std; per-token loss -min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A) + beta * k3; aggregation:
+- grpo:    mean over each sequence's tokens, then mean over sequences (length-biased, the original GRPO)
+- bnpo:    token mean within each micro-batch, averaged over micro-batches
+- dr_grpo: token sum / (num_sequences * max_completion_length), a constant normaliser (Dr. GRPO)
+- dapo:    token sum / active tokens in the whole batch (TRL's default; verl's token-mean)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+ADV_EPS = 1e-4  # as TRL and nano-aha-moment: keeps groups with tiny reward spread from exploding
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str) -> torch.Tensor:
+    """Rewards [B] ordered prompt-major (G consecutive completions per prompt) -> advantages [B]."""
+    grouped = rewards.view(-1, num_generations)  # [B/G, G]
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # [B/G, G]
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + ADV_EPS)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + ADV_EPS)
+    elif scale != "none":
+        raise ValueError(f"unknown scale_rewards {scale!r}")
+    return centred.reshape(-1)  # [B]
+
+
+def token_logprobs(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log p(completion token | prefix) under `model`, one batched forward: [N, L]."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+L]
+    attention = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, P+L]
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [N, P+L]
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
+    logits = logits[:, prompt_ids.shape[1] - 1 : -1, :].float()  # [N, L, V] predicts each completion token
+    if temperature != 1.0:  # score under the distribution the rollouts were sampled from
+        logits = logits / temperature
+    logps = torch.log_softmax(logits, dim=-1)  # [N, L, V]
+    return logps.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, L]
+
+
+class TokenLoss(NamedTuple):
+    loss: torch.Tensor  # [N, L] per-token loss (surrogate + beta * kl)
+    kl: torch.Tensor  # [N, L] k3 estimate of KL(policy || reference); zeros when beta = 0
+    clipped: torch.Tensor  # [N, L] bool: the clip bound was active (the gradient is zero there)
+
+
+def per_token_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    epsilon: float,
+    epsilon_high: float,
+    beta: float,
+) -> TokenLoss:
+    ratio = torch.exp(logps - old_logps)  # [N, L]
+    adv = advantages.unsqueeze(1)  # [N, 1]
+    unclipped = ratio * adv  # [N, L]
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * adv  # [N, L]
+    loss = -torch.min(unclipped, clipped)  # [N, L]
+    is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))  # [N, L]
+    kl = torch.zeros_like(logps)
+    if beta > 0 and ref_logps is not None:
+        delta = ref_logps - logps  # [N, L]
+        kl = torch.exp(delta) - delta - 1  # [N, L] k3: unbiased, always >= 0
+        loss = loss + beta * kl
+    return TokenLoss(loss, kl, is_clipped)
+
+
+def aggregate(
+    token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    *,
+    num_sequences: int,
+    num_tokens: int,
+    max_completion_length: int,
+    num_micro_batches: int = 1,
+) -> torch.Tensor:
+    """Reduce a micro-batch's [N, L] token losses to the scalar whose gradient sums to the batch gradient.
+
+    `num_sequences` and `num_tokens` count the whole batch (all micro-batches), so the micro-batch losses
+    add up to exactly the loss of one big batch for grpo, dr_grpo and dapo.
+    """
+    mask = mask.to(token_loss.dtype)
+    total = (token_loss * mask).sum()
+    if loss_type == "grpo":
+        per_seq = (token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [N]
+        return per_seq.sum() / num_sequences
+    if loss_type == "bnpo":
+        return total / mask.sum().clamp(min=1) / num_micro_batches
+    if loss_type == "dr_grpo":
+        return total / (num_sequences * max_completion_length)
+    if loss_type == "dapo":
+        return total / max(num_tokens, 1)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    mask = mask.to(values.dtype)
+    return float((values * mask).sum() / mask.sum().clamp(min=1))

@@ -1,0 +1,87 @@
+"""The optimizer registry: explicit arguments, explicit defaults, and optimizer-state byte accounting.
+
+We build torch optimizers ourselves rather than through `TrainingArguments.optim`, so no argument is dropped
+on the way (transformers#44075 silently ignored SGD's momentum) and weight decay is never inherited from a
+framework default (verl's 0.01 reaches SGD as coupled L2). torch is imported only inside functions.
+
+Expected optimizer state per parameter (fp32): sgd 0 bytes, sgd+momentum 4, rmsprop 4 (+4 with momentum),
+adamw 8 (exp_avg + exp_avg_sq). `state_bytes` measures what `optimizer.state` really holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rlopt_cli.errors import RloptError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    torch_class: str
+    """Name of the class in torch.optim."""
+    defaults: dict[str, Any]
+    """Every optimizer-specific argument rlopt passes, with the value used when the recipe leaves it unset."""
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec("SGD", {"momentum": 0.0, "nesterov": False}),
+    "adamw": OptimizerSpec("AdamW", {"betas": (0.9, 0.999), "eps": 1e-8}),
+    "rmsprop": OptimizerSpec("RMSprop", {"alpha": 0.99, "eps": 1e-8, "momentum": 0.0}),
+}
+
+
+def check_optimizer_args(name: str, args: dict[str, Any]) -> None:
+    """Reject arguments the optimizer does not take, and nesterov without momentum (torch would raise later)."""
+    spec = OPTIMIZERS[name]
+    for key in args:
+        if key not in spec.defaults:
+            valid = ", ".join(spec.defaults)
+            raise RloptError(f"optimizer {name!r} has no argument {key!r} (it takes: {valid}); remove optimizer.{key}")
+    if args.get("nesterov") and not args.get("momentum"):
+        raise RloptError("optimizer.nesterov = true needs optimizer.momentum > 0")
+    betas = args.get("betas")
+    if betas is not None and not all(0 <= b < 1 for b in betas):
+        raise RloptError(f"optimizer.betas = {list(betas)} must each be in [0, 1)")
+
+
+def resolved_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The registry defaults overlaid with the user's arguments: exactly what the optimizer is built with."""
+    return {**OPTIMIZERS[name].defaults, **args}
+
+
+def build_optimizer(
+    params: Any, name: str, lr: float, weight_decay: float, args: dict[str, Any]
+) -> torch.optim.Optimizer:
+    import torch
+
+    spec = OPTIMIZERS[name]
+    cls = getattr(torch.optim, spec.torch_class)
+    # foreach=False keeps the CPU path simple and bitwise deterministic across resume.
+    return cls(params, lr=lr, weight_decay=weight_decay, foreach=False, **resolved_args(name, args))
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes held in `optimizer.state`, by state key (exp_avg, exp_avg_sq, momentum_buffer, ...), and 'total'."""
+    import torch
+
+    by_key: dict[str, int] = {}
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                by_key[key] = by_key.get(key, 0) + value.numel() * value.element_size()
+    by_key["total"] = sum(by_key.values())
+    return by_key
+
+
+def expected_state_bytes_per_param(name: str, args: dict[str, Any]) -> int:
+    """The textbook fp32 state size per parameter, to compare with `state_bytes` (the 'step' scalars aside)."""
+    full = resolved_args(name, args)
+    if name == "adamw":
+        return 8
+    if name == "sgd":
+        return 4 if full["momentum"] else 0
+    return 4 + (4 if full["momentum"] else 0)

@@ -1,0 +1,103 @@
+"""Batched sampling with the live transformers model and its KV cache.
+
+One prefill over the left-padded prompts (each repeated n times), then one batched forward per new token;
+no per-sample Python loops. Sampling draws from an explicit `torch.Generator` seeded per call, so a seed
+fixes every completion. Temperature 0 means greedy.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from rlopt_cli.rollout import Rollout
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on tokens up to and including the first EOS of each row, 0 after it."""
+    is_eos = (completion_ids == eos_id).int()  # [N, L]
+    eos_before = is_eos.cumsum(-1) - is_eos  # [N, L] EOS tokens strictly before each position
+    return (eos_before == 0).int()
+
+
+def cache_argument(model: Any) -> str:
+    """transformers 5.2x renamed `past_key_values` to `cache`; accept both so older installs work."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> Rollout:
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    prompt_ids = enc.input_ids.repeat_interleave(n, 0).to(device)  # [N, P]
+    prompt_mask = enc.attention_mask.repeat_interleave(n, 0).to(device)  # [N, P]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    batch = prompt_ids.shape[0]
+
+    cache_arg = cache_argument(model)
+    attention = prompt_mask
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [N, P] left padding shifts positions
+    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)  # [N, L]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [N]
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()  # [N, V]
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
+        else:
+            next_tok = logits.argmax(-1)
+        next_tok = torch.where(finished, torch.full_like(next_tok, pad), next_tok)
+        tokens[:, t] = next_tok
+        finished |= next_tok == eos
+        if finished.all() or t == max_new_tokens - 1:
+            tokens = tokens[:, : t + 1]
+            break
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
+        positions = positions[:, -1:] + 1
+        out = model(
+            input_ids=next_tok[:, None],
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_arg: returned_cache(out)},
+        )
+    mask = completion_mask(tokens, eos)
+    texts = tokenizer.batch_decode(tokens.masked_fill(tokens == eos, pad), skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, tokens, mask, truncated=~finished, texts=texts)
+
+
+class HFBackend:
+    """Generation with the trainer's own model object: its weights are always the current ones."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int) -> Rollout:
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return sample(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, generator)
+        finally:
+            self.model.train(was_training)
+
+    def sync_weights(self, model: Any) -> None:
+        """Nothing to do: this backend samples with the live model."""

@@ -1,0 +1,67 @@
+"""The embedded model's warm-up: a short SFT run (AdamW) from random init, so RL starts with headroom.
+
+It is an ordinary rlopt run (same trainer, same run folder), kept in the cache under a key made of everything
+that determines it (model dims, init seed, warm-up settings, task), so every later run with that key reuses it.
+Cache: $RLOPT_CACHE, default ~/.cache/rlopt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rlopt_cli.checkpoint import resolve_checkpoint
+from rlopt_cli.config import LogConfig, OptimizerConfig, RunConfig, SFTConfig, TrainConfig
+
+WARMUP_FORMAT = 1  # bump when the warm-up recipe changes meaning, so stale caches are not reused
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLOPT_CACHE", Path.home() / ".cache" / "rlopt"))
+
+
+def warmup_config(cfg: RunConfig) -> RunConfig:
+    """The SFT run that produces the warm model for `cfg`."""
+    m = cfg.model
+    return RunConfig(
+        model=dataclasses.replace(m, warmup_steps=0),
+        task=cfg.task,
+        sft=SFTConfig(batch_size=m.warmup_batch_size),
+        optimizer=OptimizerConfig(name="adamw", lr=m.warmup_lr),
+        train=TrainConfig(objective="sft", steps=m.warmup_steps, seed=m.init_seed, eval_every=m.warmup_steps,
+                          checkpoint_every=m.warmup_steps, save_dtype=cfg.train.save_dtype, device=cfg.train.device,
+                          run_name="warmup"),
+        rollout=dataclasses.replace(cfg.rollout, backend="hf"),
+        log=LogConfig(progress=cfg.log.progress),
+    )
+
+
+def warm_key(cfg: RunConfig) -> str:
+    from rlopt_cli.config import to_dict
+
+    blob = json.dumps({"format": WARMUP_FORMAT, **to_dict(warmup_config(cfg))}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def ensure_warm_model(cfg: RunConfig, say: Any = print) -> Path:
+    """Path of the warm model's checkpoint, training it first if the cache does not hold it."""
+    from rlopt_cli.trainer import train
+
+    root = cache_dir() / "warm" / warm_key(cfg)
+    run_dir = root / "warmup"
+    if not (run_dir / "summary.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        with (root / ".lock").open("w") as lock:  # parallel sweep workers wait for one warm-up
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (run_dir / "summary.json").is_file():
+                say(f"warming up the embedded model: {cfg.model.warmup_steps} SFT steps (cached in {root})")
+                train(warmup_config(cfg), root, say)
+                summary = json.loads((run_dir / "summary.json").read_text())
+                say(f"warm-up done: eval accuracy {summary['final_accuracy']:.3f} "
+                    f"in {summary['wall_time_s']:.1f} s")
+    return resolve_checkpoint(run_dir)
