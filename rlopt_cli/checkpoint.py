@@ -5,7 +5,8 @@
                   metrics.jsonl          one JSON line per step
                   summary.json           written when the run finishes
                   checkpoints/step-NNNNNN/
-                      model.safetensors (+ index when sharded), config.json, tokenizer files   <- transformers loads it
+                      model.safetensors (+ index when sharded), config.json, tokenizer files
+                                                  (transformers loads the folder as it is)
                       rlopt.toml                  the run's resolved config
                       trainer_state.json          step, optimizer param groups, dtypes
                       trainer_state.safetensors   fp32 master weights, optimizer state, RNG state
@@ -53,7 +54,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp"))
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
+    )
 
 
 def checkpoint_step(ckpt: Path) -> int:
@@ -68,8 +71,10 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> Path:
     """A checkpoint folder, or a run folder (its last checkpoint, or `step`); one-line errors otherwise."""
     p = Path(path)
     if p.suffix in PICKLE_SUFFIXES:
-        raise RloptError(f"{p} is a pickle; rlopt reads only safetensors (convert with transformers: "
-                         "from_pretrained(...).save_pretrained(DIR) on a trusted file)")
+        raise RloptError(
+            f"{p} is a pickle; rlopt reads only safetensors (convert with transformers: "
+            "from_pretrained(...).save_pretrained(DIR) on a trusted file)"
+        )
     if not p.exists():
         raise RloptError(f"checkpoint not found: {p}")
     if p.is_dir() and (p / CHECKPOINTS).is_dir():
@@ -127,8 +132,10 @@ def save_checkpoint(
                     tensors[f"optim.{idx}.{key}"] = value.detach().contiguous().cpu()
         groups = state["param_groups"]
     save_file(tensors, str(tmp / "trainer_state.safetensors"))
-    (tmp / "trainer_state.json").write_text(json.dumps(
-        {"step": step, "save_dtype": save_dtype, "param_groups": groups}, indent=2, default=list) + "\n")
+    (tmp / "trainer_state.json").write_text(
+        json.dumps({"step": step, "save_dtype": save_dtype, "param_groups": groups}, indent=2, default=list)
+        + "\n"
+    )
     if final.exists():  # re-saving a step after a resume: replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)

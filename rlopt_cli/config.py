@@ -8,7 +8,6 @@ derived values are properties. This module imports no torch, so the CLI stays fa
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
 from rlopt_cli.errors import RloptError, close_matches
 from rlopt_cli.optimizers import OPTIMIZERS, check_optimizer_args
@@ -30,7 +30,9 @@ SCHEDULES = ("constant", "cosine")
 
 def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
     if value not in choices:
-        raise RloptError(f"{key} = {value!r} is not one of {', '.join(choices)}{close_matches(value, choices)}")
+        raise RloptError(
+            f"{key} = {value!r} is not one of {', '.join(choices)}{close_matches(value, choices)}"
+        )
 
 
 def _positive(value: float, key: str, allow_zero: bool = False) -> None:
@@ -42,9 +44,9 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "embedded"
-    """'embedded' builds the tiny Qwen2 model from the dims below (no download); else a local HF folder or hub id."""
+    """'embedded': build the tiny Qwen2 from the dims below (no download); else a local HF folder or hub id."""
     hidden_size: int = 128
-    """Embedded model: width. 128 x 4 layers with the 48-char vocabulary is about 1.06M parameters."""
+    """Embedded model: width. 128 x 4 layers with the 53-token vocabulary is about 1.06M parameters."""
     intermediate_size: int = 512
     """Embedded model: MLP width (4x hidden, as in the reference TRL baseline)."""
     num_layers: int = 4
@@ -134,7 +136,9 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
-            raise RloptError(f"grpo.num_generations = {self.num_generations} must be >= 2 (advantages need a group)")
+            raise RloptError(
+                f"grpo.num_generations = {self.num_generations} must be >= 2 (advantages need a group)"
+            )
         _positive(self.batch_size, "grpo.batch_size")
         if self.batch_size % self.num_generations:
             raise RloptError(
@@ -342,8 +346,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def valid_keys() -> list[str]:
     """Every dotted key a recipe or `--set` may name."""
-    return [f"{section.name}.{f.name}" for section in dataclasses.fields(RunConfig) for f in dataclasses.fields(
-        _field_types(RunConfig)[section.name])]
+    return [
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(RunConfig)
+        for f in dataclasses.fields(_field_types(RunConfig)[section.name])
+    ]
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
@@ -352,8 +359,10 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     built: dict[str, Any] = {}
     for name, values in data.items():
         if name not in sections:
-            raise RloptError(f"unknown config section [{name}]; valid: {', '.join(sections)}"
-                             f"{close_matches(name, sections)}")
+            raise RloptError(
+                f"unknown config section [{name}]; valid: {', '.join(sections)}"
+                f"{close_matches(name, sections)}"
+            )
         if not isinstance(values, dict):
             raise RloptError(f"[{name}] must be a table of keys, got {values!r}")
         cls = sections[name]
@@ -361,8 +370,10 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
         kwargs = {}
         for key, value in values.items():
             if key not in hints:
-                raise RloptError(f"unknown config key {name}.{key}{close_matches(f'{name}.{key}', valid_keys())}"
-                                 f" (valid keys in [{name}]: {', '.join(hints)})")
+                raise RloptError(
+                    f"unknown config key {name}.{key}{close_matches(f'{name}.{key}', valid_keys())}"
+                    f" (valid keys in [{name}]: {', '.join(hints)})"
+                )
             kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
         built[name] = cls(**kwargs)
     return RunConfig(**built)
@@ -413,8 +424,10 @@ def parse_override(item: str) -> tuple[str, Any]:
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     """Set `section.key` in a nested dict, rejecting keys the config does not have."""
     if key not in valid_keys():
-        raise RloptError(f"unknown config key {key!r}{close_matches(key, valid_keys())}"
-                         " (run `rlopt train --help` or read recipes/default.toml for the valid keys)")
+        raise RloptError(
+            f"unknown config key {key!r}{close_matches(key, valid_keys())}"
+            " (run `rlopt train --help` or read recipes/default.toml for the valid keys)"
+        )
     section, name = key.split(".", 1)
     data.setdefault(section, {})[name] = value
 

@@ -47,8 +47,9 @@ def evaluate(
             sampled = backend.generate(prompts, samples, max_new_tokens, temperature, seed + start)
             repeated = [e for e in chunk for _ in range(samples)]
             rewards = task.rewards(sampled.texts, repeated)
-            per_problem_correct += [int(sum(rewards[i * samples : (i + 1) * samples]))
-                                    for i in range(len(chunk))]
+            per_problem_correct += [
+                int(sum(rewards[i * samples : (i + 1) * samples])) for i in range(len(chunk))
+            ]
     n = len(examples)
     result: dict[str, float] = {"accuracy": greedy_correct / n, "n": n}
     if samples:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rlopt_cli.errors import RloptError
 
@@ -50,7 +50,9 @@ def build_char_tokenizer() -> PreTrainedTokenizerBase:
     )
 
 
-def build_embedded_model(cfg: ModelConfig, vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def build_embedded_model(
+    cfg: ModelConfig, vocab_size: int, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel:
     """A randomly initialised Qwen2 model of the configured size, seeded by `cfg.init_seed`."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -78,8 +80,10 @@ def check_model_path(path: str | Path) -> Path | None:
     """A local folder must hold safetensors weights; pickles are refused. Returns None for a hub id."""
     p = Path(path)
     if p.suffix in (".bin", ".pt", ".pth", ".pkl"):
-        raise RloptError(f"{p} is a pickle; rlopt loads only safetensors. Convert it with "
-                         "`AutoModelForCausalLM.from_pretrained(...).save_pretrained(DIR)` from a trusted source")
+        raise RloptError(
+            f"{p} is a pickle; rlopt loads only safetensors. Convert it with "
+            "`AutoModelForCausalLM.from_pretrained(...).save_pretrained(DIR)` from a trusted source"
+        )
     if not p.exists():
         if str(path).startswith((".", "/", "~")) or p.parent != Path("."):
             raise RloptError(f"model path not found: {path}")
@@ -101,7 +105,7 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_pretrained(path: str | Path, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_pretrained(path: str | Path, device: torch.device) -> tuple[Any, PreTrainedTokenizerBase]:
     """fp32 master weights on `device`, whatever dtype the folder stores (bf16 autocast is the trainer's job)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,23 +120,22 @@ def load_pretrained(path: str | Path, device: torch.device) -> tuple[PreTrainedM
     if tokenizer.pad_token is None:  # many base models ship without one; generation needs it
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.to(device), tokenizer
+    return cast(Any, model).to(device), tokenizer
 
 
-def load_policy(
-    cfg: Any, device: torch.device, console: Any = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_policy(cfg: Any, device: torch.device, say: Any = print) -> tuple[Any, PreTrainedTokenizerBase]:
     """The model a run starts from: the warmed-up embedded model, a random one (warmup_steps = 0), or a folder."""
     quiet_transformers()
+    model: Any
     if not cfg.model.is_embedded:
         model, tokenizer = load_pretrained(cfg.model.name_or_path, device)
     elif cfg.model.warmup_steps == 0:
         tokenizer = build_char_tokenizer()
-        model = build_embedded_model(cfg.model, len(tokenizer), tokenizer).to(device)
+        model = cast(Any, build_embedded_model(cfg.model, len(tokenizer), tokenizer)).to(device)
     else:
         from rlopt_cli.warmup import ensure_warm_model
 
-        model, tokenizer = load_pretrained(ensure_warm_model(cfg, console), device)
+        model, tokenizer = load_pretrained(ensure_warm_model(cfg, say), device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tokenizer
@@ -143,7 +146,11 @@ def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_
     if not (chat_template and getattr(tokenizer, "chat_template", None)):
         return prompts
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+        )
         for p in prompts
     ]
 

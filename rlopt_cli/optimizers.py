@@ -40,7 +40,9 @@ def check_optimizer_args(name: str, args: dict[str, Any]) -> None:
     for key in args:
         if key not in spec.defaults:
             valid = ", ".join(spec.defaults)
-            raise RloptError(f"optimizer {name!r} has no argument {key!r} (it takes: {valid}); remove optimizer.{key}")
+            raise RloptError(
+                f"optimizer {name!r} has no argument {key!r} (it takes: {valid}); remove optimizer.{key}"
+            )
     if args.get("nesterov") and not args.get("momentum"):
         raise RloptError("optimizer.nesterov = true needs optimizer.momentum > 0")
     betas = args.get("betas")

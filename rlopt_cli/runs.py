@@ -48,11 +48,15 @@ def open_run(run_dir: Path, cfg: RunConfig) -> RunState:
         try:
             old = to_dict(from_dict(read_toml(config_path)))
         except RloptError as err:
-            raise RloptError(f"{run_dir} holds an unreadable config.toml ({err}); move the folder away") from None
+            raise RloptError(
+                f"{run_dir} holds an unreadable config.toml ({err}); move the folder away"
+            ) from None
         diff = first_difference(old, to_dict(cfg))
         if diff:
-            raise RloptError(f"{run_dir} already holds a run with a different config ({diff}); "
-                             "choose another --out or set train.run_name")
+            raise RloptError(
+                f"{run_dir} already holds a run with a different config ({diff}); "
+                "choose another --out or set train.run_name"
+            )
         finished = (run_dir / "summary.json").is_file()
         ckpts = list_checkpoints(run_dir)
         return RunState(run_dir, finished, ckpts[-1] if ckpts and not finished else None)
@@ -63,8 +67,9 @@ def open_run(run_dir: Path, cfg: RunConfig) -> RunState:
 
 def git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -88,8 +93,13 @@ def write_meta(run_dir: Path, cfg: RunConfig, device: str, **extra: Any) -> dict
     """meta.json: what it takes to reproduce and audit the run; later sessions of a resumed run are appended."""
     path = run_dir / "meta.json"
     meta = read_json(path)
-    session = {"start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,
-               "host": platform.node(), "git_sha": git_sha(), "versions": package_versions()}
+    session = {
+        "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": device,
+        "host": platform.node(),
+        "git_sha": git_sha(),
+        "versions": package_versions(),
+    }
     meta.setdefault("sessions", []).append(session)
     meta.update({"seed": cfg.train.seed, "run_name": cfg.run_name, **extra})
     atomic_write_json(path, meta)

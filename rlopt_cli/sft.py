@@ -16,11 +16,14 @@ from rlopt_cli.rollout import Rollout
 from rlopt_cli.tasks import Example
 
 
-def sft_batch(tokenizer: Any, prompts: list[str], examples: Sequence[Example], device: torch.device) -> Rollout:
+def sft_batch(
+    tokenizer: Any, prompts: list[str], examples: Sequence[Example], device: torch.device
+) -> Rollout:
     """Left-padded prompts and right-padded reference completions ending in EOS."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    targets = [tokenizer(e.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-               for e in examples]
+    targets = [
+        tokenizer(e.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for e in examples
+    ]
     length = max(len(t) for t in targets)
     completion_ids = torch.full((len(targets), length), tokenizer.pad_token_id, dtype=torch.long)  # [N, L]
     completion_mask = torch.zeros((len(targets), length), dtype=torch.long)  # [N, L]
@@ -38,7 +41,8 @@ def sft_batch(tokenizer: Any, prompts: list[str], examples: Sequence[Example], d
 
 
 def sft_loss(model: Any, batch: Rollout) -> torch.Tensor:
-    logps = token_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                           batch.completion_mask)  # [N, L]
+    logps = token_logprobs(
+        model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
+    )  # [N, L]
     mask = batch.completion_mask.float()  # [N, L]
     return -(logps * mask).sum() / mask.sum()

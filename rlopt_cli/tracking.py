@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,17 +71,34 @@ def wandb_has_key() -> bool:
 class WandbSink:
     """A real W&B run (offline when there is no API key); its id is kept so a resume continues the same run."""
 
-    def __init__(self, run_dir: Path, name: str, config: dict[str, Any], project: str, group: str,
-                 run_id: str | None, say: Any) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        name: str,
+        config: dict[str, Any],
+        project: str,
+        group: str,
+        run_id: str | None,
+        say: Any,
+    ) -> None:
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_key() else "offline")
         if mode == "offline":
-            say("W&B: no API key found, logging offline to "
-                f"{run_dir / 'wandb'} (sync later with `wandb sync`)")
+            say(
+                "W&B: no API key found, logging offline to "
+                f"{run_dir / 'wandb'} (sync later with `wandb sync`)"
+            )
         self.run = wandb.init(
-            project=project, group=group or None, name=name, id=run_id or wandb.util.generate_id(),
-            resume="allow", config=config, dir=str(run_dir), mode=mode, reinit="finish_previous",
+            project=project,
+            group=group or None,
+            name=name,
+            id=run_id or uuid.uuid4().hex[:8],
+            resume="allow",
+            config=config,
+            dir=str(run_dir),
+            mode=mode,  # type: ignore[arg-type]
+            reinit="finish_previous",
         )
         self.id: str = self.run.id
 

@@ -68,17 +68,36 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
     reference = UpdateReference.from_file(step_dir(run_dir, 0), model, save_dtype)
     metrics_file = MetricsFile(run_dir, start_step)
     elapsed = (read_metrics(run_dir) or [{}])[-1].get("time/elapsed_s", 0.0)
-    meta = write_meta(run_dir, cfg, str(device), n_params=parameter_count(model),
-                      torch_dtype="float32", save_dtype=cfg.train.save_dtype)
+    meta = write_meta(
+        run_dir,
+        cfg,
+        str(device),
+        n_params=parameter_count(model),
+        torch_dtype="float32",
+        save_dtype=cfg.train.save_dtype,
+    )
     sink: Sink = NullSink()
     if cfg.log.wandb:
-        sink = WandbSink(run_dir, cfg.run_name, to_dict(cfg), cfg.log.wandb_project, cfg.log.wandb_group,
-                         meta.get("wandb_id"), say)
+        sink = WandbSink(
+            run_dir,
+            cfg.run_name,
+            to_dict(cfg),
+            cfg.log.wandb_project,
+            cfg.log.wandb_group,
+            meta.get("wandb_id"),
+            say,
+        )
         update_meta(run_dir, wandb_id=sink.id)
 
     def run_eval() -> dict[str, float]:
-        result = evaluate(backend, tokenizer, task, max_new_tokens=cfg.grpo.max_completion_length,
-                          batch_size=cfg.rollout.eval_batch_size, chat_template=cfg.task.chat_template)
+        result = evaluate(
+            backend,
+            tokenizer,
+            task,
+            max_new_tokens=cfg.grpo.max_completion_length,
+            batch_size=cfg.rollout.eval_batch_size,
+            chat_template=cfg.task.chat_template,
+        )
         return {"eval/accuracy": result["accuracy"], **reference.fractions(model)}
 
     if start_step == 0:
@@ -118,15 +137,26 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
 
 
 def grpo_step(
-    model: Any, ref_model: Any, optimizer: Any, backend: Backend, tokenizer: Any, task: Task,
-    cfg: RunConfig, step: int,
+    model: Any,
+    ref_model: Any,
+    optimizer: Any,
+    backend: Backend,
+    tokenizer: Any,
+    task: Task,
+    cfg: RunConfig,
+    step: int,
 ) -> dict[str, float]:
     g = cfg.grpo
     examples = pick_examples(task.train, g.prompts_per_step, step, cfg.train.seed)
     prompts = render_prompts(tokenizer, [e.prompt for e in examples], cfg.task.chat_template)
     t_gen = time.perf_counter()
-    rollout = backend.generate(prompts, g.num_generations, g.max_completion_length, g.temperature,
-                               seed=step_seed(cfg.train.seed, step))
+    rollout = backend.generate(
+        prompts,
+        g.num_generations,
+        g.max_completion_length,
+        g.temperature,
+        seed=step_seed(cfg.train.seed, step),
+    )
     gen_s = time.perf_counter() - t_gen
     repeated = [e for e in examples for _ in range(g.num_generations)]
     device = rollout.completion_ids.device
@@ -141,10 +171,18 @@ def grpo_step(
 
     def logps_of(m: Any, s: slice) -> torch.Tensor:
         with autocast(cfg, device):
-            return grpo.token_logprobs(m, rollout.prompt_ids[s], rollout.prompt_mask[s],
-                                       rollout.completion_ids[s], mask[s], g.temperature)  # [b, L]
+            return grpo.token_logprobs(
+                m,
+                rollout.prompt_ids[s],
+                rollout.prompt_mask[s],
+                rollout.completion_ids[s],
+                mask[s],
+                g.temperature,
+            )  # [b, L]
 
-    with torch.no_grad():  # the sampling policy's log-probs are needed only when it differs from the current one
+    with (
+        torch.no_grad()
+    ):  # the sampling policy's log-probs are needed only when it differs from the current one
         old_logps = torch.cat([logps_of(model, s) for s in slices]) if g.num_iterations > 1 else None
         ref_logps = torch.cat([logps_of(ref_model, s) for s in slices]) if ref_model is not None else None
 
@@ -154,11 +192,24 @@ def grpo_step(
         for s in slices:
             logps = logps_of(model, s)
             old = logps.detach() if old_logps is None else old_logps[s]
-            token = grpo.per_token_loss(logps, old, None if ref_logps is None else ref_logps[s],
-                                        advantages[s], g.epsilon, g.clip_high, g.beta)
-            loss = grpo.aggregate(token.loss, mask[s], g.loss_type, num_sequences=g.batch_size,
-                                  num_tokens=num_tokens, max_completion_length=g.max_completion_length,
-                                  num_micro_batches=len(slices))
+            token = grpo.per_token_loss(
+                logps,
+                old,
+                None if ref_logps is None else ref_logps[s],
+                advantages[s],
+                g.epsilon,
+                g.clip_high,
+                g.beta,
+            )
+            loss = grpo.aggregate(
+                token.loss,
+                mask[s],
+                g.loss_type,
+                num_sequences=g.batch_size,
+                num_tokens=num_tokens,
+                max_completion_length=g.max_completion_length,
+                num_micro_batches=len(slices),
+            )
             loss.backward()
             losses.append(loss.item())
             kls.append(grpo.masked_mean(token.kl.detach(), mask[s]))
@@ -182,7 +233,9 @@ def grpo_step(
     }
 
 
-def sft_step(model: Any, optimizer: Any, tokenizer: Any, task: Task, cfg: RunConfig, step: int) -> dict[str, float]:
+def sft_step(
+    model: Any, optimizer: Any, tokenizer: Any, task: Task, cfg: RunConfig, step: int
+) -> dict[str, float]:
     examples = pick_examples(task.train, cfg.sft.batch_size, step, cfg.train.seed)
     prompts = render_prompts(tokenizer, [e.prompt for e in examples], cfg.task.chat_template)
     device = next(model.parameters()).device
@@ -192,8 +245,11 @@ def sft_step(model: Any, optimizer: Any, tokenizer: Any, task: Task, cfg: RunCon
         loss = sft.sft_loss(model, batch)
     loss.backward()
     grad_norm = clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm)
-    return {"train/loss": loss.item(), "train/grad_norm": grad_norm,
-            "train/clip_active": float(grad_norm > cfg.optimizer.max_grad_norm > 0)}
+    return {
+        "train/loss": loss.item(),
+        "train/grad_norm": grad_norm,
+        "train/clip_active": float(grad_norm > cfg.optimizer.max_grad_norm > 0),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,7 +286,7 @@ def pick_examples(pool: Any, count: int, step: int, seed: int) -> list[Example]:
     """The step's examples: consecutive slices of one seeded permutation per epoch of the pool."""
     n = len(pool)
     first = (step - 1) * count
-    picked = []
+    picked: list[Example] = []
     for position in range(first, first + count):
         epoch, offset = divmod(position, n)
         if offset == 0 or not picked:
@@ -279,21 +335,31 @@ def due(step: int, every: int, last: int) -> bool:
 
 
 def progress_info(row: dict[str, float]) -> str:
-    parts = [f"{k.split('/')[1]}={row[k]:.3f}" for k in ("train/reward_mean", "train/loss", "eval/accuracy")
-             if k in row]
+    parts = [
+        f"{k.split('/')[1]}={row[k]:.3f}"
+        for k in ("train/reward_mean", "train/loss", "eval/accuracy")
+        if k in row
+    ]
     return " ".join(parts)
 
 
 def progress_bar(cfg: RunConfig, say: Any) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not cfg.log.progress,
-                    transient=False)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not cfg.log.progress,
+        transient=False,
+    )
 
 
-def summarize(run_dir: Path, cfg: RunConfig, n_params: int, optimizer: Any,
-              ulp: dict[str, float]) -> dict[str, Any]:
+def summarize(
+    run_dir: Path, cfg: RunConfig, n_params: int, optimizer: Any, ulp: dict[str, float]
+) -> dict[str, Any]:
     """summary.json, from metrics.jsonl (so a resumed run summarises all its steps)."""
     rows = read_metrics(run_dir)
     evals = [r for r in rows if "eval/accuracy" in r]
@@ -301,17 +367,25 @@ def summarize(run_dir: Path, cfg: RunConfig, n_params: int, optimizer: Any,
     held = state_bytes(optimizer)
     meta = read_json(run_dir / "meta.json")
     return {
-        "run_name": cfg.run_name, "objective": cfg.train.objective, "task": cfg.task.name,
-        "optimizer": cfg.optimizer.name, "lr": cfg.optimizer.lr, "seed": cfg.train.seed,
-        "steps": cfg.train.steps, "n_params": n_params,
-        "initial_accuracy": evals[0]["eval/accuracy"], "final_accuracy": last["eval/accuracy"],
+        "run_name": cfg.run_name,
+        "objective": cfg.train.objective,
+        "task": cfg.task.name,
+        "optimizer": cfg.optimizer.name,
+        "lr": cfg.optimizer.lr,
+        "seed": cfg.train.seed,
+        "steps": cfg.train.steps,
+        "n_params": n_params,
+        "initial_accuracy": evals[0]["eval/accuracy"],
+        "final_accuracy": last["eval/accuracy"],
         "best_accuracy": max(r["eval/accuracy"] for r in evals),
         "best_step": max(evals, key=lambda r: r["eval/accuracy"])["step"],
         "wall_time_s": rows[-1].get("time/elapsed_s", 0.0),
         "peak_mem_bytes": max(r.get("mem/peak_bytes", 0.0) for r in rows),
-        "state_bytes": held.pop("total"), "state_bytes_by_key": held,
+        "state_bytes": held.pop("total"),
+        "state_bytes_by_key": held,
         "state_bytes_per_param": state_bytes(optimizer)["total"] / n_params,
-        "sparsity/bitwise_frac": last["sparsity/bitwise_frac"], "sparsity/atol_frac": last["sparsity/atol_frac"],
+        "sparsity/bitwise_frac": last["sparsity/bitwise_frac"],
+        "sparsity/atol_frac": last["sparsity/atol_frac"],
         "clip_active_frac": sum(r.get("train/clip_active", 0.0) for r in rows[1:]) / max(1, len(rows) - 1),
         "wandb_id": meta.get("wandb_id"),
         **ulp,

@@ -25,7 +25,9 @@ def ulp_bf16(w: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(mag)) - 7)
 
 
-def changed_masks(current: torch.Tensor, reference: torch.Tensor, atol: float = ATOL) -> tuple[torch.Tensor, torch.Tensor]:
+def changed_masks(
+    current: torch.Tensor, reference: torch.Tensor, atol: float = ATOL
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(bitwise, atol) change masks of `current` rounded to the reference's dtype."""
     cur = current.detach().to(reference.dtype)
     if reference.dtype.itemsize == 2:
@@ -87,11 +89,15 @@ class UpdateReference:
                 idx = torch.randint(flat_w.numel(), (ULP_SAMPLE,), generator=gen)
                 flat_w, flat_ref = flat_w[idx], flat_ref[idx]
             ratio = (flat_w - flat_ref).abs() / ulp_bf16(flat_ref)
-            moved = flat_w.to(torch.bfloat16).view(torch.int16) != flat_ref.to(torch.bfloat16).view(torch.int16)
+            moved = flat_w.to(torch.bfloat16).view(torch.int16) != flat_ref.to(torch.bfloat16).view(
+                torch.int16
+            )
             changed.append(ratio[moved])
             unchanged.append(ratio[~moved])
         out = {}
         for key, parts in (("changed", changed), ("unchanged", unchanged)):
             values = torch.cat(parts)
-            out[f"sparsity/ulp_ratio_median_{key}"] = float(values.median()) if values.numel() else float("nan")
+            out[f"sparsity/ulp_ratio_median_{key}"] = (
+                float(values.median()) if values.numel() else float("nan")
+            )
         return out

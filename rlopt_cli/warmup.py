@@ -33,9 +33,16 @@ def warmup_config(cfg: RunConfig) -> RunConfig:
         task=cfg.task,
         sft=SFTConfig(batch_size=m.warmup_batch_size),
         optimizer=OptimizerConfig(name="adamw", lr=m.warmup_lr),
-        train=TrainConfig(objective="sft", steps=m.warmup_steps, seed=m.init_seed, eval_every=m.warmup_steps,
-                          checkpoint_every=m.warmup_steps, save_dtype=cfg.train.save_dtype, device=cfg.train.device,
-                          run_name="warmup"),
+        train=TrainConfig(
+            objective="sft",
+            steps=m.warmup_steps,
+            seed=m.init_seed,
+            eval_every=m.warmup_steps,
+            checkpoint_every=m.warmup_steps,
+            save_dtype=cfg.train.save_dtype,
+            device=cfg.train.device,
+            run_name="warmup",
+        ),
         rollout=dataclasses.replace(cfg.rollout, backend="hf"),
         log=LogConfig(progress=cfg.log.progress),
     )
@@ -62,6 +69,8 @@ def ensure_warm_model(cfg: RunConfig, say: Any = print) -> Path:
                 say(f"warming up the embedded model: {cfg.model.warmup_steps} SFT steps (cached in {root})")
                 train(warmup_config(cfg), root, say)
                 summary = json.loads((run_dir / "summary.json").read_text())
-                say(f"warm-up done: eval accuracy {summary['final_accuracy']:.3f} "
-                    f"in {summary['wall_time_s']:.1f} s")
+                say(
+                    f"warm-up done: eval accuracy {summary['final_accuracy']:.3f} "
+                    f"in {summary['wall_time_s']:.1f} s"
+                )
     return resolve_checkpoint(run_dir)

@@ -25,7 +25,9 @@ def friendly_errors(fn: F) -> F:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: finished checkpoints are kept; rerun the same command to resume", err=True)
+            typer.echo(
+                "interrupted: finished checkpoints are kept; rerun the same command to resume", err=True
+            )
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -47,14 +47,28 @@ def comparison_table(summaries: list[dict]) -> object:
     from rich.table import Table
 
     table = Table(title="GRPO on the embedded task: SGD vs AdamW from the same warm model")
-    for col in ("optimizer", "lr", "eval acc before", "eval acc after", "best", "optimizer state",
-                "params changed (bf16)", "changed |Δ|>1e-5", "wall time"):
+    for col in (
+        "optimizer",
+        "lr",
+        "eval acc before",
+        "eval acc after",
+        "best",
+        "optimizer state",
+        "params changed (bf16)",
+        "changed |Δ|>1e-5",
+        "wall time",
+    ):
         table.add_column(col, justify="right")
     for s in summaries:
         table.add_row(
-            s["optimizer"], f"{s['lr']:g}", f"{s['initial_accuracy']:.3f}", f"{s['final_accuracy']:.3f}",
-            f"{s['best_accuracy']:.3f}", f"{s['state_bytes'] / 2**20:.2f} MiB ({s['state_bytes_per_param']:.1f} B/param)",
-            f"{100 * s['sparsity/bitwise_frac']:.3f}%", f"{100 * s['sparsity/atol_frac']:.3f}%",
+            s["optimizer"],
+            f"{s['lr']:g}",
+            f"{s['initial_accuracy']:.3f}",
+            f"{s['final_accuracy']:.3f}",
+            f"{s['best_accuracy']:.3f}",
+            f"{s['state_bytes'] / 2**20:.2f} MiB ({s['state_bytes_per_param']:.1f} B/param)",
+            f"{100 * s['sparsity/bitwise_frac']:.3f}%",
+            f"{100 * s['sparsity/atol_frac']:.3f}%",
             f"{s['wall_time_s']:.1f} s",
         )
     return table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -12,13 +13,17 @@ from rlopt_cli.commands._common import friendly_errors
 
 @friendly_errors
 def eval_checkpoint(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint folder, run folder (its last checkpoint) or model folder."),
+    checkpoint: Path = typer.Argument(
+        ..., help="Checkpoint folder, run folder (its last checkpoint) or model folder."
+    ),
     step: int | None = typer.Option(None, "--step", help="With a run folder: the checkpoint at this step."),
     samples: int = typer.Option(0, "--samples", "-k", help="Also sample k completions per problem: pass@k."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature for --samples."),
     limit: int = typer.Option(0, "--limit", help="Evaluate only the first N problems (0 = all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled completions."),
-    overrides: list[str] = typer.Option([], "--set", "-s", help="Override the task or rollout, e.g. task.digits=3."),
+    overrides: list[str] = typer.Option(
+        [], "--set", "-s", help="Override the task or rollout, e.g. task.digits=3."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Evaluate a model on its task's eval split (the task comes from the checkpoint's rlopt.toml)."""
@@ -49,13 +54,21 @@ def eval_checkpoint(
     task = build_task(cfg.task)
     backend = make_backend(cfg.rollout.backend, model, tokenizer, cfg)
     with torch.no_grad():
-        result = evaluate(backend, tokenizer, task, max_new_tokens=cfg.grpo.max_completion_length,
-                          batch_size=cfg.rollout.eval_batch_size, chat_template=cfg.task.chat_template,
-                          samples=samples, temperature=temperature, seed=seed,
-                          examples=task.eval[:limit] if limit else None)
-    result = {**result, "checkpoint": str(ckpt), "task": cfg.task.name}
+        result = evaluate(
+            backend,
+            tokenizer,
+            task,
+            max_new_tokens=cfg.grpo.max_completion_length,
+            batch_size=cfg.rollout.eval_batch_size,
+            chat_template=cfg.task.chat_template,
+            samples=samples,
+            temperature=temperature,
+            seed=seed,
+            examples=task.eval[:limit] if limit else None,
+        )
+    report: dict[str, Any] = {**result, "checkpoint": str(ckpt), "task": cfg.task.name}
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(json.dumps(report))
         return
     from rich.table import Table
 
@@ -64,6 +77,6 @@ def eval_checkpoint(
     table = Table(title=f"{ckpt} on {cfg.task.name}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in result.items():
+    for key, value in report.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console().print(table)

@@ -17,15 +17,23 @@ def train(
     seed: int | None = typer.Option(None, "--seed", help="Seed of prompts and sampling."),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps."),
     objective: str | None = typer.Option(None, "--objective", help="grpo | sft."),
-    overrides: list[str] = typer.Option([], "--set", "-s", help="Dotted override, e.g. --set grpo.beta=0.04."),
+    overrides: list[str] = typer.Option(
+        [], "--set", "-s", help="Dotted override, e.g. --set grpo.beta=0.04."
+    ),
     out: Path = typer.Option(Path("results"), "--out", "-o", help="Folder that holds the run folders."),
     wandb: bool | None = typer.Option(None, "--wandb/--no-wandb", help="Log to W&B (offline without a key)."),
 ) -> None:
     """Train one run (resumes if its folder holds an unfinished run with the same config)."""
     from rlopt_cli.config import load_config
 
-    flags = {"optimizer.name": optimizer, "optimizer.lr": lr, "train.seed": seed, "train.steps": steps,
-             "train.objective": objective, "log.wandb": wandb}
+    flags = {
+        "optimizer.name": optimizer,
+        "optimizer.lr": lr,
+        "train.seed": seed,
+        "train.steps": steps,
+        "train.objective": objective,
+        "log.wandb": wandb,
+    }
     cfg = load_config(recipe, overrides, flags)
 
     import json
@@ -34,6 +42,8 @@ def train(
 
     run_dir = run_training(cfg, out, say)
     summary = json.loads((run_dir / "summary.json").read_text())
-    say(f"{run_dir}: accuracy {summary['initial_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
+    say(
+        f"{run_dir}: accuracy {summary['initial_accuracy']:.3f} -> {summary['final_accuracy']:.3f} "
         f"(best {summary['best_accuracy']:.3f}), changed {100 * summary['sparsity/bitwise_frac']:.3f}% of "
-        f"parameters (bf16 bitwise), {summary['wall_time_s']:.1f} s")
+        f"parameters (bf16 bitwise), {summary['wall_time_s']:.1f} s"
+    )

@@ -47,7 +47,9 @@ def make_backend(name: str, model: Any, tokenizer: Any, cfg: Any) -> Backend:
         try:
             from rlopt_cli.rollout.vllm import VLLMBackend
         except ModuleNotFoundError as err:
-            raise RloptError(f"rollout.backend = 'vllm' needs vllm ({err.name} is missing): "
-                             "pip install -e '.[vllm]' (or `make vllm`)") from None
+            raise RloptError(
+                f"rollout.backend = 'vllm' needs vllm ({err.name} is missing): "
+                "pip install -e '.[vllm]' (or `make vllm`)"
+            ) from None
         return VLLMBackend(model, tokenizer, cfg)
     raise RloptError(f"unknown rollout backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -52,8 +52,13 @@ def sample(
     cache_arg = cache_argument(model)
     attention = prompt_mask
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [N, P] left padding shifts positions
-    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)  # [N, L]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [N]
     for t in range(max_new_tokens):
@@ -89,7 +94,9 @@ class HFBackend:
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
 
-    def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int) -> Rollout:
+    def generate(
+        self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int
+    ) -> Rollout:
         device = next(self.model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         was_training = self.model.training

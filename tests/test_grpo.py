@@ -1,0 +1,125 @@
+"""GRPO math against numbers computed by hand (the comments show the arithmetic)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlopt_cli import grpo
+
+
+def test_group_advantages_group_scaling() -> None:
+    # group 1: rewards (1, 0): mean 0.5, unbiased std sqrt(0.5) = 0.70711 -> +-0.5 / (0.70711 + 1e-4)
+    # group 2: rewards (1, 1): mean 1, std 0 -> 0 / (0 + 1e-4) = 0
+    adv = grpo.group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2, "group")
+    expected = 0.5 / (math.sqrt(0.5) + 1e-4)
+    assert adv.tolist() == pytest.approx([expected, -expected, 0.0, 0.0], abs=1e-6)
+
+
+def test_group_advantages_batch_and_none() -> None:
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    # none: only centred within each group
+    assert grpo.group_advantages(rewards, 2, "none").tolist() == [0.5, -0.5, 0.0, 0.0]
+    # batch: std of all four rewards: mean 0.75, squares .0625+.5625+.0625+.0625 = .75, /3 -> std 0.5
+    batch = grpo.group_advantages(rewards, 2, "batch")
+    assert batch.tolist() == pytest.approx([0.5 / 0.5001, -0.5 / 0.5001, 0.0, 0.0], abs=1e-6)
+    with pytest.raises(ValueError):
+        grpo.group_advantages(rewards, 2, "nope")
+
+
+def test_per_token_loss_clipping_cases() -> None:
+    # columns: (A=+1, rho=1.5) (A=-1, rho=0.5) (A=+1, rho=0.5) (A=-1, rho=1.5), epsilon 0.2
+    ratios = torch.tensor([[1.5, 0.5, 0.5, 1.5]])
+    adv = torch.tensor([1.0])
+    signs = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    old = torch.zeros(1, 4)
+    # vary the advantage per token by scaling: run each column as its own sequence
+    out = grpo.per_token_loss(torch.log(ratios).T, old.T, None, (adv * signs).flatten(), 0.2, 0.2, 0.0)
+    # +1*1.5 clipped to 1.2 -> -1.2 ; -1*0.5: min(-0.5, -0.8) = -0.8 -> 0.8 ; +1*0.5 -> -0.5 ; -1*1.5 -> 1.5
+    assert out.loss.flatten().tolist() == pytest.approx([-1.2, 0.8, -0.5, 1.5], abs=1e-6)
+    assert out.clipped.flatten().tolist() == [True, True, False, False]
+    assert out.kl.abs().sum() == 0
+
+
+def test_epsilon_high_is_separate() -> None:
+    out = grpo.per_token_loss(
+        torch.log(torch.tensor([[1.25]])), torch.zeros(1, 1), None, torch.tensor([1.0]), 0.2, 0.28, 0.0
+    )
+    assert float(out.loss) == pytest.approx(-1.25)  # 1.25 < 1.28: not clipped with epsilon_high = 0.28
+    assert not bool(out.clipped)
+
+
+def test_k3_kl_penalty() -> None:
+    # ref - logp = log 2 -> k3 = 2 - log 2 - 1 = 0.306853 ; ratio 1 and A = 0 -> surrogate 0
+    logp = torch.log(torch.tensor([[0.25]]))
+    ref = torch.log(torch.tensor([[0.5]]))
+    out = grpo.per_token_loss(logp, logp, ref, torch.tensor([0.0]), 0.2, 0.2, beta=0.1)
+    assert float(out.kl) == pytest.approx(2 - math.log(2) - 1, abs=1e-6)
+    assert float(out.loss) == pytest.approx(0.1 * (2 - math.log(2) - 1), abs=1e-6)
+
+
+LOSS = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "expected"),
+    [
+        ("grpo", (1.5 + 4.0) / 2),  # per-sequence means 1.5 and 4, then their mean
+        ("bnpo", 7 / 3),  # 7 over 3 active tokens
+        ("dr_grpo", 7 / (2 * 3)),  # 7 over B * max_completion_length
+        ("dapo", 7 / 3),  # 7 over the batch's active tokens
+    ],
+)
+def test_aggregation_modes(loss_type: str, expected: float) -> None:
+    value = grpo.aggregate(LOSS, MASK, loss_type, num_sequences=2, num_tokens=3, max_completion_length=3)
+    assert float(value) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "expected"),
+    [("grpo", 2.75), ("dr_grpo", 7 / 6), ("dapo", 7 / 3), ("bnpo", (3 / 2 + 4 / 1) / 2)],
+)
+def test_micro_batches_add_up(loss_type: str, expected: float) -> None:
+    # grpo, dr_grpo and dapo normalise by whole-batch counts, so two micro-batches sum to the full loss;
+    # bnpo normalises each micro-batch by its own tokens (TRL's definition), which differs.
+    parts = [
+        grpo.aggregate(
+            LOSS[i : i + 1],
+            MASK[i : i + 1],
+            loss_type,
+            num_sequences=2,
+            num_tokens=3,
+            max_completion_length=3,
+            num_micro_batches=2,
+        )
+        for i in range(2)
+    ]
+    assert float(sum(parts)) == pytest.approx(expected)
+
+
+def test_token_logprobs_match_a_manual_forward() -> None:
+    from rlopt_cli.config import ModelConfig
+    from rlopt_cli.models import build_char_tokenizer, build_embedded_model
+
+    tok = build_char_tokenizer()
+    model = build_embedded_model(
+        ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2), len(tok), tok
+    ).eval()
+    enc = tok(["1+2=", "12+34="], return_tensors="pt", padding=True)  # first row is left-padded
+    completion = torch.tensor([[7, 2, 0], [8, 9, 2]])
+    cmask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    got = grpo.token_logprobs(model, enc.input_ids, enc.attention_mask, completion, cmask)
+    # row 1 without any padding, scored directly
+    ids = torch.cat([enc.input_ids[1], completion[1]])[None]
+    logits = model(input_ids=ids).logits[0, enc.input_ids.shape[1] - 1 : -1]
+    want = torch.log_softmax(logits, -1).gather(-1, completion[1][:, None]).squeeze(-1)
+    assert torch.allclose(got[1], want, atol=1e-5)
+    # row 0: strip its left padding and compare too
+    real = enc.input_ids[0][enc.attention_mask[0].bool()]
+    ids0 = torch.cat([real, completion[0, :2]])[None]
+    logits0 = model(input_ids=ids0).logits[0, len(real) - 1 : -1]
+    want0 = torch.log_softmax(logits0, -1).gather(-1, completion[0, :2][:, None]).squeeze(-1)
+    assert torch.allclose(got[0, :2], want0, atol=1e-5)
