@@ -264,11 +264,16 @@ class RolloutConfig:
     """Generation backend: hf (transformers forward with KV cache) or vllm (optional extra)."""
     gpu_memory_utilization: float = 0.3
     """vllm: fraction of GPU memory the colocated engine may take."""
+    vllm_dtype: str = "auto"
+    """vllm: engine dtype; auto = bfloat16 on CUDA, float32 on CPU (where log-probs then match the trainer's)."""
+    vllm_sleep_mode: bool = False
+    """vllm on CUDA: free the engine's GPU memory while the trainer steps (sleep level 2); ignored on CPU."""
     eval_batch_size: int = 256
     """Prompts per generation call during evaluation."""
 
     def __post_init__(self) -> None:
         _choice(self.backend, ("hf", "vllm"), "rollout.backend")
+        _choice(self.vllm_dtype, ("auto", "bfloat16", "float16", "float32"), "rollout.vllm_dtype")
         _positive(self.eval_batch_size, "rollout.eval_batch_size")
 
 
@@ -285,6 +290,16 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ProbeConfig:
+    steps: tuple[int, ...] = ()
+    """Steps at which to record the gradient and optimizer moments (rlopt_cli/probe.py); read-only."""
+
+    def __post_init__(self) -> None:
+        if any(s < 1 for s in self.steps):
+            raise RloptError(f"probe.steps = {list(self.steps)} must hold step numbers >= 1")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -294,6 +309,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     @property
     def run_name(self) -> str:
@@ -320,6 +336,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is tuple and typing.get_args(hint)[-1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise RloptError(f"{key} must be a list, e.g. [10, 50]; got {value!r}")
+        return tuple(_coerce(v, typing.get_args(hint)[0], key) for v in value)
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -402,9 +422,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RloptError(f"recipe not found: {path} (check the path; recipes live in recipes/)")
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_text()
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise RloptError(f"malformed TOML in {path}: {err}") from None
+        where = str(err).replace("at end of document", f"at line {text.count(chr(10)) + 1}, end of document")
+        raise RloptError(f"malformed TOML in {path}: {where}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise RloptError(f"cannot read {path}: {err}") from None
 

@@ -31,6 +31,7 @@ from rlopt_cli.config import RunConfig, to_dict, to_toml
 from rlopt_cli.evaluation import evaluate
 from rlopt_cli.models import load_policy, parameter_count, render_prompts
 from rlopt_cli.optimizers import build_optimizer, state_bytes
+from rlopt_cli.probe import Probe, write_probe
 from rlopt_cli.rollout import Backend, make_backend
 from rlopt_cli.runs import open_run, read_json, update_meta, write_meta
 from rlopt_cli.tasks import Example, Task, build_task
@@ -101,9 +102,9 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
         return {"eval/accuracy": result["accuracy"], **reference.fractions(model)}
 
     if start_step == 0:
-        row = run_eval()
-        metrics_file.log(row, 0)
-        sink.log(row, 0)
+        initial = run_eval()
+        metrics_file.log(initial, 0)
+        sink.log(initial, 0)
     with progress_bar(cfg, say) as progress:
         bar = progress.add_task(cfg.run_name, total=cfg.train.steps, completed=start_step, info="")
         for step in range(start_step + 1, cfg.train.steps + 1):
@@ -114,6 +115,8 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
             else:
                 row = sft_step(model, optimizer, tokenizer, task, cfg, step)
             row["time/step_s"] = time.perf_counter() - t0
+            if (probed := row.pop("probe", None)) is not None:
+                row |= write_probe(run_dir, step, probed)
             row |= optimizer_metrics(optimizer, step, cfg)
             if due(step, cfg.train.eval_every, cfg.train.steps):
                 t_eval = time.perf_counter()
@@ -145,7 +148,7 @@ def grpo_step(
     task: Task,
     cfg: RunConfig,
     step: int,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     g = cfg.grpo
     examples = pick_examples(task.train, g.prompts_per_step, step, cfg.train.seed)
     prompts = render_prompts(tokenizer, [e.prompt for e in examples], cfg.task.chat_template)
@@ -187,7 +190,8 @@ def grpo_step(
         ref_logps = torch.cat([logps_of(ref_model, s) for s in slices]) if ref_model is not None else None
 
     losses, kls, clips, grad_norms = [], [], [], []
-    for _ in range(g.num_iterations):
+    probed = None
+    for iteration in range(g.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for s in slices:
             logps = logps_of(model, s)
@@ -214,7 +218,10 @@ def grpo_step(
             losses.append(loss.item())
             kls.append(grpo.masked_mean(token.kl.detach(), mask[s]))
             clips.append(grpo.masked_mean(token.clipped.float(), mask[s]))
-        grad_norms.append(clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm))
+        probe_now = iteration == 0 and step in cfg.probe.steps
+        norm, stats = clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm, probe_now)
+        grad_norms.append(norm)
+        probed = probed or stats
     backend.sync_weights(model)
 
     grouped = rewards.view(-1, g.num_generations)  # [B/G, G]
@@ -230,12 +237,13 @@ def grpo_step(
         "train/grad_norm": grad_norms[0],
         "train/clip_active": float(grad_norms[0] > cfg.optimizer.max_grad_norm > 0),
         "time/gen_s": gen_s,
+        "probe": probed,
     }
 
 
 def sft_step(
     model: Any, optimizer: Any, tokenizer: Any, task: Task, cfg: RunConfig, step: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     examples = pick_examples(task.train, cfg.sft.batch_size, step, cfg.train.seed)
     prompts = render_prompts(tokenizer, [e.prompt for e in examples], cfg.task.chat_template)
     device = next(model.parameters()).device
@@ -244,8 +252,9 @@ def sft_step(
     with autocast(cfg, device):
         loss = sft.sft_loss(model, batch)
     loss.backward()
-    grad_norm = clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm)
+    grad_norm, probed = clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm, step in cfg.probe.steps)
     return {
+        "probe": probed,
         "train/loss": loss.item(),
         "train/grad_norm": grad_norm,
         "train/clip_active": float(grad_norm > cfg.optimizer.max_grad_norm > 0),
@@ -310,11 +319,13 @@ def set_lr(optimizer: Any, lr: float) -> None:
         group["lr"] = lr
 
 
-def clip_and_step(model: Any, optimizer: Any, max_norm: float) -> float:
-    """Clip the global gradient norm (when max_norm > 0), step; returns the norm before clipping."""
+def clip_and_step(model: Any, optimizer: Any, max_norm: float, probe: bool = False) -> tuple[float, Any]:
+    """Clip the global gradient norm (when max_norm > 0) and step. Returns the norm before clipping, and the
+    probe's statistics when `probe` (it reads the clipped gradient and the moments around the step)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    snapshot = Probe(model, optimizer) if probe else None
     optimizer.step()
-    return float(norm)
+    return float(norm), snapshot.after_step() if snapshot else None
 
 
 def optimizer_metrics(optimizer: Any, step: int, cfg: RunConfig) -> dict[str, float]:

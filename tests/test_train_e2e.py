@@ -17,12 +17,26 @@ from rlopt_cli.tracking import read_metrics
 pytestmark = pytest.mark.slow
 
 CHECKPOINT_FILES = {
-    "config.json", "model.safetensors", "rlopt.toml", "tokenizer.json", "tokenizer_config.json",
-    "trainer_state.json", "trainer_state.safetensors",
+    "config.json",
+    "model.safetensors",
+    "rlopt.toml",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "trainer_state.json",
+    "trainer_state.safetensors",
 }
 STEP_KEYS = {
-    "train/reward_mean", "train/reward_std", "train/loss", "train/kl", "train/clip_frac", "train/completion_len",
-    "train/grad_norm", "optim/lr", "optim/state_bytes", "time/step_s", "mem/peak_bytes",
+    "train/reward_mean",
+    "train/reward_std",
+    "train/loss",
+    "train/kl",
+    "train/clip_frac",
+    "train/completion_len",
+    "train/grad_norm",
+    "optim/lr",
+    "optim/state_bytes",
+    "time/step_s",
+    "mem/peak_bytes",
 }
 EVAL_KEYS = {"eval/accuracy", "sparsity/bitwise_frac", "sparsity/atol_frac"}
 
@@ -47,8 +61,13 @@ def test_run_folder_metrics_and_checkpoints(tmp_path: Path, tiny_overrides: list
     cfg = tiny(tiny_overrides, "optimizer.name='adamw'", "optimizer.lr=1e-3")
     run = trainer.train(cfg, tmp_path, quiet)
     assert run == tmp_path / "arithmetic__grpo__adamw__lr0.001__s0"
-    assert {p.name for p in run.iterdir()} == {"config.toml", "meta.json", "metrics.jsonl", "summary.json",
-                                               "checkpoints"}
+    assert {p.name for p in run.iterdir()} == {
+        "config.toml",
+        "meta.json",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoints",
+    }
     steps = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert steps == ["step-000000", "step-000002", "step-000004"]
     for step in steps:
@@ -75,7 +94,9 @@ def test_run_folder_metrics_and_checkpoints(tmp_path: Path, tiny_overrides: list
     start = load_file(run / "checkpoints/step-000000/trainer_state.safetensors")
     end = load_file(run / "checkpoints/step-000004/trainer_state.safetensors")
     masters = [k for k in start if k.startswith("master.")]
-    assert len(masters) == 2 * 12 + 3  # per layer q,k,v (+biases), o, gate, up, down, 2 norms; embed, norm, head
+    assert (
+        len(masters) == 2 * 12 + 3
+    )  # per layer q,k,v (+biases), o, gate, up, down, 2 norms; embed, norm, head
     unchanged = [k for k in masters if torch.equal(start[k], end[k])]
     assert not unchanged
 
@@ -153,7 +174,11 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path, tiny_override
     [
         ("grpo.beta=0.04", "grpo.num_iterations=2", "grpo.micro_batch_size=4", "grpo.loss_type='grpo'"),
         ("train.objective='sft'", "sft.batch_size=8", "optimizer.name='rmsprop'", "optimizer.lr=1e-4"),
-        ("grpo.mask_truncated_completions=true", "grpo.scale_rewards='none'", "train.precision='bf16-autocast'"),
+        (
+            "grpo.mask_truncated_completions=true",
+            "grpo.scale_rewards='none'",
+            "train.precision='bf16-autocast'",
+        ),
     ],
     ids=["kl-iterations-micro", "sft-rmsprop", "masking-bf16"],
 )
@@ -178,3 +203,25 @@ def test_wandb_offline_holds_history_and_config(tmp_path: Path, tiny_overrides: 
     assert len(logged) == 2
     assert [h["train/reward_mean"] for h in logged] == [r["train/reward_mean"] for r in read_metrics(run)[1:]]
     assert config["optimizer"]["name"] == "sgd" and config["grpo"]["num_generations"] == 4
+
+
+def test_probe_reads_moments_without_changing_the_run(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    adamw = ("optimizer.name='adamw'", "optimizer.lr=1e-3")
+    plain = trainer.train(tiny(tiny_overrides, *adamw), tmp_path / "a", quiet)
+    probed = trainer.train(tiny(tiny_overrides, *adamw, "probe.steps=[1, 3]"), tmp_path / "b", quiet)
+    rows = read_metrics(probed)
+    without_probe = [{k: v for k, v in r.items() if not k.startswith("probe/")} for r in rows]
+    assert deterministic(without_probe) == deterministic(read_metrics(plain))
+    a = load_file(plain / "checkpoints/step-000004/trainer_state.safetensors")
+    b = load_file(probed / "checkpoints/step-000004/trainer_state.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    step3 = json.loads((probed / "probe/step-000003.json").read_text())
+    # the paper's recovery of m_{t-1} from m_t and g_t agrees with the snapshot taken before the step
+    assert step3["cos_m_prev_g"] == pytest.approx(step3["cos_m_prev_g_snapshot"], abs=1e-4)
+    assert -1 <= step3["cos_m_prev_g"] <= 1 and step3["history_ratio"] > 0 and step3["sqrt_v_std"] > 0
+    assert sum(step3["hist_sqrt_v"]["counts"]) + step3["hist_sqrt_v"]["zeros"][0] == step3["n"]
+    assert rows[3]["probe/cos_m_prev_g"] == step3["cos_m_prev_g"]
+    # at the first step AdamW's m_0 is zero: the recovered m_{t-1} is ~0
+    step1 = json.loads((probed / "probe/step-000001.json").read_text())
+    assert step1["history_ratio"] < 1e-5
