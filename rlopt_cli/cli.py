@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from rlopt_cli.commands import demo, eval_cmd, train_cmd
+from rlopt_cli.commands import demo, eval_cmd, paper_cmd, report_cmd, sparsity_cmd, sweep_cmd, train_cmd
 
 app = typer.Typer(
     name="rlopt",
@@ -20,6 +20,10 @@ app = typer.Typer(
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_checkpoint)
 app.command("demo")(demo.demo)
+app.command("sweep")(sweep_cmd.sweep)
+app.command("report")(report_cmd.report)
+app.command("sparsity")(sparsity_cmd.sparsity)
+app.command("paper")(paper_cmd.paper)
 
 
 def main() -> None:

@@ -51,7 +51,11 @@ def warmup_config(cfg: RunConfig) -> RunConfig:
 def warm_key(cfg: RunConfig) -> str:
     from rlopt_cli.config import to_dict
 
-    blob = json.dumps({"format": WARMUP_FORMAT, **to_dict(warmup_config(cfg))}, sort_keys=True)
+    # Only what shapes the warm weights: not logging, rollout or probe settings, nor the device.
+    full = to_dict(warmup_config(cfg))
+    train = {k: v for k, v in full["train"].items() if k not in ("device", "run_name")}
+    shaping = {k: full[k] for k in ("model", "task", "sft", "optimizer")}
+    blob = json.dumps({"format": WARMUP_FORMAT, **shaping, "train": train}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -17,7 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_importing_the_cli_pulls_in_no_torch() -> None:
-    code = "import sys, rlopt_cli.cli; heavy = [m for m in ('torch', 'transformers', 'pandas') if m in sys.modules]; print(heavy)"
+    code = (
+        "import sys, rlopt_cli.cli\n"
+        "print([m for m in ('torch', 'transformers', 'pandas', 'ray', 'matplotlib') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -113,3 +116,18 @@ def test_train_then_eval(tmp_path: Path, tiny_overrides: list[str]) -> None:
     report = json.loads(result.output)
     assert report["accuracy"] == summary["initial_accuracy"]
     assert report["samples"] == 4 and 0 <= report["sample_accuracy"] <= report["pass@4"] <= 1
+
+
+@pytest.mark.slow
+def test_demo_compares_sgd_and_adamw(
+    tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "220")  # rich wraps the table to the terminal width
+    sets = [x for o in tiny_overrides for x in ("--set", o)]
+    result = runner.invoke(app, ["demo", "--steps", "2", "--out", str(tmp_path), *sets])
+    assert result.exit_code == 0, result.output
+    runs = sorted(p.name for p in tmp_path.iterdir())
+    assert runs == ["arithmetic__grpo__adamw__lr3e-05__s0", "arithmetic__grpo__sgd__lr0.01__s0"]
+    table = result.output
+    for word in ("optimizer", "sgd", "adamw", "0.0 B/param", "8.0 B/param", "params changed"):
+        assert word in table

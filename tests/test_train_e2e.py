@@ -225,3 +225,16 @@ def test_probe_reads_moments_without_changing_the_run(tmp_path: Path, tiny_overr
     # at the first step AdamW's m_0 is zero: the recovered m_{t-1} is ~0
     step1 = json.loads((probed / "probe/step-000001.json").read_text())
     assert step1["history_ratio"] < 1e-5
+
+
+def test_warm_model_is_built_once_per_key(tiny_overrides: list[str]) -> None:
+    from rlopt_cli.warmup import ensure_warm_model, warm_key
+
+    cfg = tiny(tiny_overrides)
+    first = ensure_warm_model(cfg, quiet)
+    said: list[str] = []
+    assert ensure_warm_model(tiny(tiny_overrides, "log.progress=true", "train.seed=5"), said.append) == first
+    assert said == []  # reused from the cache, not trained again
+    assert warm_key(tiny(tiny_overrides, "task.digits=2")) != warm_key(cfg)
+    summary = json.loads((first.parents[1] / "summary.json").read_text())
+    assert summary["objective"] == "sft" and summary["optimizer"] == "adamw" and summary["steps"] == 100

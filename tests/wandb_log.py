@@ -44,8 +44,12 @@ def history_and_config(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]
     for record in records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.history.item})
+            history.append(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
         elif kind in ("config", "run"):  # the initial config travels in the run record
             items = record.config.update if kind == "config" else record.run.config.update
             for item in items:

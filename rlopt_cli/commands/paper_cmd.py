@@ -1,0 +1,92 @@
+"""`rlopt paper`: the whole reproduction study on the embedded default, one command, one report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from rlopt_cli.commands._common import friendly_errors, say
+
+
+@friendly_errors
+def paper(
+    quick: bool = typer.Option(
+        False, "--quick", help="One seed, two lrs per optimizer, two widths: a smoke run."
+    ),
+    recipe: Path = typer.Option(Path("recipes/paper.toml"), "--grid", help="The study's sweep file."),
+    out: Path = typer.Option(Path("results"), "--out", "-o", help="Folder that holds results/<name>/."),
+    workers: int | None = typer.Option(None, "--workers", "-w", help="Runs at once (default: the file's)."),
+    launcher: str | None = typer.Option(None, "--launcher", "-l", help="local | ray | slurm."),
+    probe_steps: str = typer.Option(
+        "10,50", "--probe-steps", help="Steps at which AdamW's moments are probed."
+    ),
+    widths: str = typer.Option(
+        "64,128,256", "--widths", help="Model widths of the scale trend (128 = default)."
+    ),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="Dotted override applied to every run."),
+) -> None:
+    """Run the grid, probe, scale and step-size-regime runs, then write results/<name>/REPORT.md."""
+    from rlopt_cli import paper as study
+    from rlopt_cli.commands.sweep_cmd import run_cells
+    from rlopt_cli.errors import RloptError
+    from rlopt_cli.paper_report import write_report
+    from rlopt_cli.report import build_report
+    from rlopt_cli.sweep import cell_status, check_unchanged, claim_folder
+
+    started = time.perf_counter()
+    try:
+        steps = [int(s) for s in probe_steps.split(",") if s]
+        sizes = [int(s) for s in widths.split(",") if s]
+    except ValueError:
+        raise RloptError("--probe-steps and --widths take comma-separated integers, e.g. 10,50") from None
+    grid = study.grid_sweep(recipe, quick, overrides)
+    if quick:
+        sizes, steps = sorted(sizes)[:2], steps[:1]
+    paper_dir = out / grid.settings.name
+    name, n_workers = launcher or grid.settings.launcher, workers or grid.settings.workers
+
+    def run_stage(stage: str, cells: list) -> None:
+        stage_dir = paper_dir / stage
+        check_unchanged(stage_dir, cells)
+        todo = [c for c in cells if cell_status(stage_dir, c) != "done"]
+        say(f"{stage}: {len(cells) - len(todo)} of {len(cells)} runs done; running {len(todo)}")
+        failures = run_cells(todo, cells, stage_dir, grid.settings, name, n_workers)
+        if failures:
+            raise RloptError(
+                f"{len(failures)} {stage} runs failed ({failures[0][0]}: {failures[0][1]}); "
+                f"see {stage_dir / 'logs'}, then rerun"
+            )
+
+    claim_folder(paper_dir / "grid", grid)
+    run_stage("grid", grid.cells)
+    report = build_report(paper_dir / "grid")
+    base = study.base_config(grid)
+    adamw = {obj: lrs["adamw"] for obj in ("grpo", "sft") if "adamw" in (lrs := study.best_lrs(report, obj))}
+    run_stage("probe", study.probe_cells(base, adamw, steps))
+    rl_best = {k: v for k, v in study.best_lrs(report, "grpo").items() if k in ("sgd", "adamw")}
+    run_stage("scale", study.scale_cells(base, sizes, rl_best))
+    n_params = _n_params(Path(report.runs.run_dir.iloc[0]))
+    run_stage("regime", study.regime_cells(base, n_params))
+    _measure_memory(paper_dir, quick)
+    path = write_report(paper_dir)
+    say(f"wrote {path} in {time.perf_counter() - started:.0f} s")
+
+
+def _n_params(run_dir: Path) -> int:
+    import json
+
+    return int(json.loads((run_dir / "summary.json").read_text())["n_params"])
+
+
+def _measure_memory(paper_dir: Path, quick: bool) -> None:
+    import json
+
+    from rlopt_cli.checkpoint import atomic_write_json
+    from rlopt_cli.memory import measure_step_memory
+
+    path = paper_dir / "memory.json"
+    if not path.is_file():
+        atomic_write_json(path, measure_step_memory(quick=quick))
+    say(f"memory: {json.loads(path.read_text())}")
