@@ -29,10 +29,10 @@ from rlopt_cli.paper_analysis import (
     weight_update,
 )
 from rlopt_cli.paper_tables import (
-    _n_params,
     control_table,
     fmt,
     grid_best_table,
+    grid_n_params,
     memory_table,
     memory_text,
     memory_verdict,
@@ -309,7 +309,7 @@ def write_report(paper_dir: Path) -> Path:
     ]
     sections = [
         '# rlopt reproduction of "Do We Need Adam?" (arXiv 2602.07729) on the embedded default\n',
-        f"Embedded model: {_n_params(grid):,} parameters; {len(grid.runs)} finished grid runs "
+        f"Embedded model: {grid_n_params(grid):,} parameters; {len(grid.runs)} finished grid runs "
         f"({grid.unfinished} unfinished), seeds {sorted(set(grid.runs.seed))}. Every number below is read from "
         f"the run folders under {paper_dir}; the verdict rules are in rlopt_cli/paper_report.py.\n",
         "## Verdicts\n",

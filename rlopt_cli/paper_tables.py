@@ -132,7 +132,7 @@ def predict_table(best_updates: dict[str, list[WeightUpdate]], regime: list[dict
     return table(rows, ["run", "measured changed (bf16)", "predicted: mean min(1, abs(dw)/ulp)"])
 
 
-def _n_params(grid: Any) -> int:
+def grid_n_params(grid: Any) -> int:
     return int(json.loads((Path(grid.runs.run_dir.iloc[0]) / "summary.json").read_text())["n_params"])
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -338,7 +337,9 @@ def optimizer_metrics(optimizer: Any, step: int, cfg: RunConfig) -> dict[str, fl
 def peak_memory_bytes(device: torch.device) -> float:
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    from rlopt_cli.memory import peak_rss_bytes
+
+    return float(peak_rss_bytes())
 
 
 def due(step: int, every: int, last: int) -> bool:

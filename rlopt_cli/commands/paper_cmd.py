@@ -32,6 +32,7 @@ def paper(
     from rlopt_cli.commands.sweep_cmd import run_cells
     from rlopt_cli.errors import RloptError
     from rlopt_cli.paper_report import write_report
+    from rlopt_cli.paper_tables import grid_n_params
     from rlopt_cli.report import build_report
     from rlopt_cli.sweep import cell_status, check_unchanged, claim_folder
 
@@ -67,17 +68,11 @@ def paper(
     run_stage("probe", study.probe_cells(base, adamw, steps))
     rl_best = {k: v for k, v in study.best_lrs(report, "grpo").items() if k in ("sgd", "adamw")}
     run_stage("scale", study.scale_cells(base, sizes, rl_best))
-    n_params = _n_params(Path(report.runs.run_dir.iloc[0]))
+    n_params = grid_n_params(report)
     run_stage("regime", study.regime_cells(base, n_params))
     _measure_memory(paper_dir, quick)
     path = write_report(paper_dir)
     say(f"wrote {path} in {time.perf_counter() - started:.0f} s")
-
-
-def _n_params(run_dir: Path) -> int:
-    import json
-
-    return int(json.loads((run_dir / "summary.json").read_text())["n_params"])
 
 
 def _measure_memory(paper_dir: Path, quick: bool) -> None:
