@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 
-.PHONY: install dev demo test lint fmt clean vllm
+.PHONY: install dev demo test lint fmt clean vllm sweep paper bench
 
 # torch first, pinned, so no dependency can pull a multi-GB CUDA build; then the package.
 $(VENV)/.installed: pyproject.toml
@@ -41,6 +41,23 @@ dev: $(VENV)/.dev
 
 demo: $(VENV)/.installed
 	$(BIN)/rlopt demo
+
+# The default optimizer x lr x seed grid on 2 CPU cores, then its report (see recipes/lr_grid.toml for the time).
+sweep: $(VENV)/.installed
+	$(BIN)/rlopt sweep recipes/lr_grid.toml
+
+# The whole reproduction study (grid, probes, model sizes, step-size regime) -> results/paper/REPORT.md
+paper: $(VENV)/.installed
+	$(BIN)/rlopt paper
+
+# Benchmarks (issue 7): rlopt vs TRL, optimizer memory, sparsity scan, demo/test wall time; see benchmarks/README.md.
+# TRL is a benchmark-only extra, installed on top of the dev tools. `make bench BENCH_ARGS=--quick` is the smoke run.
+$(VENV)/.bench: $(VENV)/.dev
+	$(PIP) install -q -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.bench
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 test: lint
 	$(BIN)/pytest -q

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from rlopt_cli.memory import peak_rss_bytes  # noqa: F401 (VmHWM: a spawned worker's own peak)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT_LINE = re.compile(r"^(?P<name>[\w./-]+): (?P<measured>.+), (?P<target>.+), (?P<verdict>PASS|MISS)$")
@@ -24,11 +25,6 @@ def verdict(name: str, measured: str, target: str, ok: bool) -> str:
     line = f"{name}: {measured}, {target}, {'PASS' if ok else 'MISS'}"
     print(line, flush=True)
     return line
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_worker(module: str, args: list[str], threads: int = 0, timeout: float = 1200) -> dict[str, Any]:

@@ -50,19 +50,24 @@ def sample(
     batch = prompt_ids.shape[0]
 
     cache_arg = cache_argument(model)
-    attention = prompt_mask
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [N, P] left padding shifts positions
+    # Prefill each distinct prompt once, then repeat its KV cache n times: n x less prefill compute.
+    unique_ids, unique_mask = enc.input_ids.to(device), enc.attention_mask.to(device)  # [N/n, P]
     out = model(
-        input_ids=prompt_ids,
-        attention_mask=attention,
-        position_ids=positions,
+        input_ids=unique_ids,
+        attention_mask=unique_mask,
+        position_ids=(unique_mask.cumsum(-1) - 1).clamp(min=0),  # left padding shifts positions
         use_cache=True,
         logits_to_keep=1,
     )
+    cache = returned_cache(out)
+    cache.batch_repeat_interleave(n)
+    first_logits = out.logits[:, -1, :].repeat_interleave(n, 0)  # [N, V]
+    attention = prompt_mask
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [N, P]
     tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)  # [N, L]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [N]
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float()  # [N, V]
+        logits = (first_logits if t == 0 else out.logits[:, -1, :]).float()  # [N, V]
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
             next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
@@ -81,8 +86,9 @@ def sample(
             attention_mask=attention,
             position_ids=positions,
             use_cache=True,
-            **{cache_arg: returned_cache(out)},
+            **{cache_arg: cache},
         )
+        cache = returned_cache(out)
     mask = completion_mask(tokens, eos)
     texts = tokenizer.batch_decode(tokens.masked_fill(tokens == eos, pad), skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, tokens, mask, truncated=~finished, texts=texts)

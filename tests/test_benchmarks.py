@@ -1,0 +1,82 @@
+"""Smoke tests of benchmarks/: the workers run and the reports print parseable verdict lines. No timing asserts.
+
+The --quick modes start a fresh process per measurement (tens of seconds each on a busy 2-core box), so these
+tests call the workers in-process on tiny settings instead; `make bench BENCH_ARGS=--quick` runs the real thing.
+The TRL side is skipped where trl (the `bench` extra) is not installed, as in CI's `make test`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_grpo_vs_trl as grpo_bench
+from benchmarks import bench_optimizer_memory as memory_bench
+from benchmarks.common import RESULT_LINE, verdict
+
+
+@pytest.mark.parametrize(
+    ("line", "ok"),
+    [
+        ("grpo_speedup_vs_trl: 2.10x (0.1 / 0.05 s per step), >= 2x, PASS", True),
+        ("optimizer_memory_adamw: 0.97 of expected (820 / 846 MB above sgd), >= 0.9, MISS", True),
+        ("sparsity_peak_rss: 1.2x, target < 2x, FAIL", False),
+        ("warming up the embedded model: 300 SFT steps", False),
+    ],
+)
+def test_result_line_format(line: str, ok: bool) -> None:
+    assert bool(RESULT_LINE.match(line)) is ok
+
+
+def test_verdict_prints_a_parseable_line(capsys: pytest.CaptureFixture[str]) -> None:
+    line = verdict("x_ratio", "1.50x (3 / 2 s)", ">= 2x", False)
+    assert line == "x_ratio: 1.50x (3 / 2 s), >= 2x, MISS"
+    assert capsys.readouterr().out.strip() == line
+    assert RESULT_LINE.match(line)
+
+
+def test_memory_benchmark_reports_every_optimizer(capsys: pytest.CaptureFixture[str]) -> None:
+    runs = {name: [memory_bench.one_step(name, "tiny")] for name in memory_bench.OPTIMIZERS}
+    n = runs["sgd"][0]["n_params"]
+    # rlopt's accounting: exactly the textbook state, plus AdamW's and RMSProp's per-tensor 'step' scalars
+    assert runs["sgd"][0]["state_bytes"] == 0
+    assert runs["sgd+momentum"][0]["state_bytes"] == 4 * n
+    assert 8 * n <= runs["adamw"][0]["state_bytes"] < 8 * n + 1024
+    assert 4 * n <= runs["rmsprop"][0]["state_bytes"] < 4 * n + 1024
+    lines = memory_bench.report(runs)  # in one process the RSS deltas mean nothing: only the shape is checked
+    assert [RESULT_LINE.match(line)["name"] for line in lines] == [  # type: ignore[index]
+        "optimizer_memory_adamw",
+        "optimizer_memory_sgd_momentum",
+        "optimizer_memory_rmsprop",
+    ]
+    assert "state_bytes" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def cold_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return grpo_bench.prepare_model(tmp_path_factory.mktemp("bench") / "model", cold=True)
+
+
+def worker_args(model: Path, out: Path, side: str) -> object:
+    return grpo_bench.parse_args(
+        ["--worker", side, "--model", str(model), "--out", str(out), "--steps", "2", "--warmup", "1"]
+    )
+
+
+def test_grpo_benchmark_rlopt_side(cold_model: Path, tmp_path: Path) -> None:
+    result = grpo_bench.run_rlopt(worker_args(cold_model, tmp_path, "rlopt"))  # type: ignore[arg-type]
+    assert len(result["step_s"]) == len(result["cpu_s"]) == 2
+    assert all(t > 0 for t in result["step_s"] + result["cpu_s"])
+
+
+def test_grpo_benchmark_trl_side_and_report(cold_model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("trl", reason="trl is the bench extra: pip install -e '.[bench]'")
+    trl = grpo_bench.run_trl(worker_args(cold_model, tmp_path / "trl", "trl"))  # type: ignore[arg-type]
+    assert len(trl["step_s"]) == len(trl["cpu_s"]) == 2
+    rlopt = {"step_s": [0.1, 0.1], "cpu_s": [0.1, 0.1], "reward_mean": 0.0, "peak_rss": 1}
+    lines = grpo_bench.report({"trl": [trl], "rlopt": [rlopt]})
+    assert [RESULT_LINE.match(line)["name"] for line in lines] == [  # type: ignore[index]
+        "grpo_speedup_vs_trl",
+        "grpo_cpu_speedup_vs_trl",
+    ]
