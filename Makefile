@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 
-.PHONY: install dev demo test lint fmt clean vllm sweep paper bench
+.PHONY: install dev demo test test-vllm lint fmt clean vllm sweep paper bench
 
 # torch first, pinned, so no dependency can pull a multi-GB CUDA build; then the package.
 $(VENV)/.installed: pyproject.toml
@@ -34,6 +34,10 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	touch $@
 
 vllm: $(VLLM_VENV)/.installed
+
+# The vLLM rollout backend for real, on vLLM's CPU build (CI runs this after `make test`).
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/pytest -q tests/test_vllm_backend.py
 
 install: $(VENV)/.installed
 

@@ -35,7 +35,9 @@ def per_layer(fractions: dict[str, dict[str, float]], path: Path) -> Series:
         layers = list(by_layer)
         ax.plot(range(len(layers)), [100 * by_layer[k] for k in layers], marker="o", label=label)
         ax.set_xticks(range(len(layers)), layers)
-    ax.set(xlabel="layer (none = embeddings, final norm, lm_head)", ylabel="parameters changed (%)", yscale="log")
+    ax.set(
+        xlabel="layer (none = embeddings, final norm, lm_head)", ylabel="parameters changed (%)", yscale="log"
+    )
     ax.legend()
     _save(fig, path)
     return fractions
@@ -79,7 +81,9 @@ def scale_trend(rows: list[dict[str, Any]], path: Path) -> Series:
     fig, axes = _figure(2)
     series: Series = {}
     for opt in sorted({r["optimizer"] for r in rows}):
-        pts = sorted((r["n_params"], r["changed_bf16"], r["median_step_ulp"]) for r in rows if r["optimizer"] == opt)
+        pts = sorted(
+            (r["n_params"], r["changed_bf16"], r["median_step_ulp"]) for r in rows if r["optimizer"] == opt
+        )
         series[opt] = pts
         axes[0].plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=opt)
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=opt)

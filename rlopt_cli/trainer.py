@@ -116,7 +116,7 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
             row["time/step_s"] = time.perf_counter() - t0
             if (probed := row.pop("probe", None)) is not None:
                 row |= write_probe(run_dir, step, probed)
-            row |= optimizer_metrics(optimizer, step, cfg)
+            row |= optimizer_metrics(optimizer)
             if due(step, cfg.train.eval_every, cfg.train.steps):
                 t_eval = time.perf_counter()
                 row |= run_eval()
@@ -327,7 +327,7 @@ def clip_and_step(model: Any, optimizer: Any, max_norm: float, probe: bool = Fal
     return float(norm), snapshot.after_step() if snapshot else None
 
 
-def optimizer_metrics(optimizer: Any, step: int, cfg: RunConfig) -> dict[str, float]:
+def optimizer_metrics(optimizer: Any) -> dict[str, float]:
     held = state_bytes(optimizer)
     row = {"optim/lr": optimizer.param_groups[0]["lr"], "optim/state_bytes": float(held.pop("total"))}
     row |= {f"optim/state_bytes/{k}": float(v) for k, v in held.items()}

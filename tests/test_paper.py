@@ -38,7 +38,10 @@ def test_welch_comparison_and_verdicts() -> None:
     assert c.high - c.diff == pytest.approx(2.776 * math.sqrt(2 * 0.0016 / 3), rel=1e-3)
     assert verdict_not_below(c) == "holds"
     # spreads of 0.02: CI -0.05 +- 0.0453 = [-0.095, -0.005] lies below 0
-    assert verdict_not_below(compare_means([0.48, 0.50, 0.52], [0.53, 0.55, 0.57])) == "does not hold at this scale"
+    assert (
+        verdict_not_below(compare_means([0.48, 0.50, 0.52], [0.53, 0.55, 0.57]))
+        == "does not hold at this scale"
+    )
     clear = compare_means([0.10, 0.11, 0.12], [0.50, 0.51, 0.52])
     assert (
         verdict_clearly_below(clear) == "holds" and verdict_not_below(clear) == "does not hold at this scale"

@@ -1,0 +1,187 @@
+"""Rollouts with vLLM, colocated with the trainer in one process (the CPU build here, the CUDA build on a GPU).
+
+The engine starts from a folder holding the policy's current weights (saved to a temporary folder, in the
+engine's dtype) and runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so a weight update hands tensors over
+without serialising them. After every optimizer step `sync_weights` pushes the new weights through
+`push_weights`, the one function that touches vLLM internals, then clears the prefix cache.
+
+Generation matches the `hf` backend's contract: prompts are tokenised by the trainer's tokenizer (left-padded
+ids in the Rollout, unpadded ids to vLLM), sampling is plain temperature sampling (the model's
+generation_config.json defaults such as top_p or repetition penalties are ignored, so the sampler is the
+policy the trainer differentiates), a completion stops at the tokenizer's EOS, and each prompt gets its own
+seed (vLLM gives its n samples seed, seed+1, ...), so a seed fixes every completion. Temperature 0 is greedy.
+
+Simplifications: one engine per process (in-process vLLM cannot start a second); no tensor parallelism; the
+sampled tokens' log-probs are not returned (the trainer recomputes them); sleep mode (CUDA only) discards the
+engine's weights and KV cache after each generate and reloads the policy's weights before the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlopt_cli.errors import RloptError
+from rlopt_cli.rollout import Rollout
+
+CPU_KV_CACHE_GIB = "1"  # the KV cache vLLM reserves on CPU; plenty for small models, cheap on a shared box
+
+
+def push_weights(llm: Any, model: Any, dtype: torch.dtype) -> None:
+    """Load `model`'s weights into the engine: vLLM 0.32's in-place `reload_weights` on its in-process worker.
+
+    Not the model's own `load_weights`: the CPU backend repacks linear weights, which that leaves empty.
+    Tensors are converted one at a time (a generator), so a GPU holds one extra tensor at most.
+    """
+    weights = ((name, t.detach().to(dtype)) for name, t in model.state_dict().items())
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+
+def engine_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def save_policy(model: Any, tokenizer: Any, dtype: torch.dtype) -> str:
+    """The policy's current weights as a Hugging Face folder vLLM can start from; removed at exit."""
+    from rlopt_cli.models import mark_saved_dtype
+
+    folder = tempfile.mkdtemp(prefix="rlopt-vllm-")
+    weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    mark_saved_dtype(Path(folder), str(dtype).removeprefix("torch."))
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+class VLLMBackend:
+    """A colocated vLLM engine that follows the trainer's model."""
+
+    def __init__(self, model: Any, tokenizer: Any, cfg: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = engine_dtype(cfg.rollout.vllm_dtype, self.device)
+        self.sleep_mode = cfg.rollout.vllm_sleep_mode and self.device.type == "cuda"
+        self.asleep = False
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: weight updates pass tensors directly
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the terminal for rlopt's progress bar
+        if self.device.type == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+        try:
+            from vllm import LLM, SamplingParams
+        except ModuleNotFoundError as err:
+            raise RloptError(
+                f"rollout.backend = 'vllm' needs vllm ({err.name} is missing): "
+                "pip install -e '.[vllm]' (or `make vllm`)"
+            ) from None
+        self._sampling_params = SamplingParams
+        cuda = self.device.type == "cuda"
+        gpu = {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization} if cuda else {}
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # in-process vLLM reseeds torch's global RNG: keep the trainer's
+            self.llm = LLM(
+                model=save_policy(model, tokenizer, self.dtype),
+                dtype=str(self.dtype).removeprefix("torch."),
+                seed=cfg.train.seed,
+                enforce_eager=not cuda,  # no graph capture on CPU; CUDA graphs pay off on a GPU
+                generation_config="vllm",  # ignore the model's sampling defaults: sample the policy as it is
+                enable_sleep_mode=self.sleep_mode,
+                **gpu,
+            )
+        # Set after LLM(), which reconfigures vLLM's loggers. Each reload warns "RotaryEmbedding: Failed to load
+        # weights": its cos/sin cache has no checkpoint tensor and is put back as it was (the tests check it).
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+
+    def generate(
+        self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int
+    ) -> Rollout:
+        self._wake()
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        requests = [
+            {"prompt_token_ids": ids[mask.bool()].tolist()}
+            for ids, mask in zip(enc.input_ids, enc.attention_mask, strict=True)
+        ]
+        greedy = temperature == 0  # vLLM refuses n > 1 when greedy: sample once, repeat n times
+        params = [
+            self._sampling_params(
+                n=1 if greedy else n,
+                temperature=temperature,
+                max_tokens=max_new_tokens,
+                seed=seed + i * n,  # child j of prompt i gets seed + i*n + j: every sample has its own stream
+                stop_token_ids=[self.tokenizer.eos_token_id],
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if self.sleep_mode:
+            self.llm.sleep(level=2)
+            self.asleep = True
+        samples = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+        if greedy:
+            samples = [s for s in samples for _ in range(n)]
+        return to_rollout(samples, enc.input_ids, enc.attention_mask, n, self.tokenizer, self.device)
+
+    def sync_weights(self, model: Any) -> None:
+        """Push the new weights now, or at the next generate while the engine sleeps."""
+        self.model = model
+        if not self.asleep:
+            push_weights(self.llm, model, self.dtype)
+
+    def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        """The engine's log-probs (temperature 1) of a fixed completion: checks that its weights are the policy's."""
+        self._wake()
+        params = self._sampling_params(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        out = self.llm.generate([{"prompt_token_ids": prompt_ids + completion_ids}], params, use_tqdm=False)[
+            0
+        ]
+        start = len(prompt_ids)
+        return [out.prompt_logprobs[start + j][tok].logprob for j, tok in enumerate(completion_ids)]
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+            push_weights(self.llm, self.model, self.dtype)
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+
+
+def to_rollout(
+    samples: list[Any],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n: int,
+    tokenizer: Any,
+    device: torch.device,
+) -> Rollout:
+    """vLLM's completions (prompt-major, n per prompt) in the hf backend's layout, on `device`."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    width = max(1, max(len(s.token_ids) for s in samples))
+    completion_ids = torch.full((len(samples), width), pad, dtype=torch.long)  # [N, L] right-padded
+    completion_mask = torch.zeros((len(samples), width), dtype=torch.int)  # [N, L]
+    for row, sample in enumerate(samples):
+        ids = list(sample.token_ids)  # ends with EOS when the sample stopped on it
+        completion_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        completion_mask[row, : len(ids)] = 1
+    truncated = torch.tensor([s.finish_reason == "length" for s in samples])  # [N]
+    texts = tokenizer.batch_decode(
+        completion_ids.masked_fill(completion_ids == eos, pad), skip_special_tokens=True
+    )
+    return Rollout(
+        prompt_ids=input_ids.repeat_interleave(n, 0).to(device),  # [N, P] left-padded
+        prompt_mask=attention_mask.repeat_interleave(n, 0).to(device),  # [N, P]
+        completion_ids=completion_ids.to(device),
+        completion_mask=completion_mask.to(device),
+        truncated=truncated.to(device),
+        texts=texts,
+    )

@@ -1,0 +1,200 @@
+"""The vLLM rollout backend, for real: on vLLM's CPU build here (`make vllm`, then `.venv-vllm/bin/pytest
+tests/test_vllm_backend.py`), on the CUDA build where a GPU is present. Skips cleanly without vllm.
+
+In-process vLLM allows one engine per process, so each training run happens in a fresh interpreter that runs
+this file as a script (`python tests/test_vllm_backend.py OUT SEED [DEVICE]`); the layout tests share one engine
+in the pytest process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+OVERRIDES = [
+    "model.warmup_steps=0",
+    "task.n_eval=16",
+    "grpo.num_generations=4",
+    "grpo.batch_size=8",
+    "train.steps=3",
+    "train.eval_every=3",
+    "train.checkpoint_every=3",
+    "log.progress=false",
+    "rollout.backend=vllm",
+    "optimizer.name=adamw",  # decoupled decay moves every weight each step, so a stale engine would show
+    "optimizer.lr=1e-2",
+    "optimizer.weight_decay=0.5",  # the random-init model earns no reward: decay alone moves every weight
+]
+PROMPT, COMPLETION = "12+34=", "46"  # the fixed completion whose log-probs engine and trainer must agree on
+
+
+def fixed_completion(tokenizer: Any) -> tuple[list[int], list[int]]:
+    prompt_ids = tokenizer(PROMPT).input_ids
+    completion_ids = tokenizer(COMPLETION, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return prompt_ids, completion_ids
+
+
+def trainer_logprobs(model: Any, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+    from rlopt_cli.grpo import token_logprobs
+
+    device = next(model.parameters()).device
+    p = torch.tensor([prompt_ids], device=device)
+    c = torch.tensor([completion_ids], device=device)
+    with torch.no_grad():
+        return token_logprobs(model, p, torch.ones_like(p), c, torch.ones_like(c), 1.0)[0].tolist()
+
+
+def run_and_record(out: Path, seed: int, device: str) -> None:
+    """One training run; after every weight sync, record engine vs trainer log-probs of the fixed completion."""
+    from rlopt_cli import trainer
+    from rlopt_cli.config import load_config
+    from rlopt_cli.tracking import read_metrics
+
+    extra = [f"train.seed={seed}", f"train.device={device}"]
+    if device == "cuda":
+        extra += [
+            "rollout.vllm_dtype=bfloat16",
+            "rollout.vllm_sleep_mode=true",
+            "train.precision=bf16-autocast",
+        ]
+    cfg = load_config(None, OVERRIDES + extra)
+    checks: list[dict[str, list[float]]] = []
+    make_backend = trainer.make_backend
+
+    def recording_backend(name: str, model: Any, tokenizer: Any, run_cfg: Any) -> Any:
+        backend = make_backend(name, model, tokenizer, run_cfg)
+        sync = backend.sync_weights
+        prompt_ids, completion_ids = fixed_completion(tokenizer)
+
+        def sync_and_check(m: Any) -> None:
+            sync(m)
+            engine = backend.score(prompt_ids, completion_ids)
+            checks.append({"engine": engine, "trainer": trainer_logprobs(m, prompt_ids, completion_ids)})
+
+        backend.sync_weights = sync_and_check
+        return backend
+
+    trainer.make_backend = recording_backend
+    run_dir = trainer.train(cfg, out, say=lambda *_: None)
+    result = {"checks": checks, "metrics": read_metrics(run_dir), "run_dir": str(run_dir)}
+    (out / "result.json").write_text(json.dumps(result))
+
+
+def train_in_subprocess(out: Path, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, __file__, str(out), str(seed), device],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "result.json").read_text())
+
+
+if __name__ == "__main__":  # one run per interpreter: see the module docstring
+    run_and_record(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    sys.exit(0)
+
+pytest.importorskip("vllm", reason="vllm is not installed (make vllm, then run with .venv-vllm/bin/pytest)")
+pytestmark = pytest.mark.vllm
+
+
+def assert_engine_follows(checks: list[dict[str, list[float]]], steps: int, atol: float) -> None:
+    assert len(checks) == steps  # one sync after every optimizer step
+    for check in checks:
+        assert check["engine"] == pytest.approx(check["trainer"], abs=atol)
+    moved = max(abs(a - b) for a, b in zip(checks[0]["trainer"], checks[-1]["trainer"], strict=True))
+    assert moved > 10 * atol  # the weights did change, so agreement is not vacuous
+
+
+def test_engine_follows_the_trainer_and_seeded_runs_repeat(tmp_path: Path) -> None:
+    first = train_in_subprocess(tmp_path / "a")
+    second = train_in_subprocess(tmp_path / "b")
+    assert_engine_follows(first["checks"], steps=3, atol=1e-4)  # fp32 on CPU: equal to ~1e-6
+    keys = ("train/reward_mean", "train/loss", "train/completion_len", "eval/accuracy")
+    for a, b in zip(first["metrics"], second["metrics"], strict=True):
+        assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+    run_dir = Path(first["run_dir"])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000000", "step-000003"]
+    assert [r["step"] for r in first["metrics"]] == [0, 1, 2, 3]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_follows_the_trainer_on_cuda_with_sleep_mode(tmp_path: Path) -> None:
+    result = train_in_subprocess(tmp_path / "gpu", device="cuda")
+    assert_engine_follows(result["checks"], steps=3, atol=0.1)  # bf16 engine vs fp32 trainer: ~0.01-0.1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Rollout layout, against the hf backend, with one engine in this process
+
+
+@pytest.fixture(scope="module")
+def engines() -> tuple[Any, Any, Any]:
+    from rlopt_cli.config import load_config
+    from rlopt_cli.models import build_char_tokenizer, build_embedded_model
+    from rlopt_cli.rollout import make_backend
+    from rlopt_cli.rollout.hf import HFBackend
+
+    cfg = load_config(None, OVERRIDES)
+    tokenizer = build_char_tokenizer()
+    model = build_embedded_model(cfg.model, len(tokenizer), tokenizer)
+    return make_backend("vllm", model, tokenizer, cfg), HFBackend(model, tokenizer), model
+
+
+def test_greedy_matches_hf_in_the_same_layout(engines: tuple[Any, Any, Any]) -> None:
+    vllm_backend, hf_backend, _ = engines
+    prompts = ["12+34=", "5+6=", "99+99="]
+    ours = vllm_backend.generate(prompts, 2, 6, 0.0, seed=0)
+    ref = hf_backend.generate(prompts, 2, 6, 0.0, seed=0)
+    assert torch.equal(ours.prompt_ids, ref.prompt_ids)  # [N, P] left-padded, prompts repeated n times
+    assert torch.equal(ours.prompt_mask, ref.prompt_mask)
+    width = ref.completion_ids.shape[1]
+    assert torch.equal(ours.completion_ids[:, :width], ref.completion_ids)
+    assert torch.equal(ours.completion_mask[:, :width].int(), ref.completion_mask.int())
+    assert torch.equal(ours.truncated, ref.truncated)
+    assert ours.texts == ref.texts
+
+
+def test_sampling_layout_seeds_and_masks(engines: tuple[Any, Any, Any]) -> None:
+    vllm_backend, _, _ = engines
+    tokenizer = vllm_backend.tokenizer
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    rollout = vllm_backend.generate(["1+1=", "23+45="], 16, 6, 1.0, seed=3)
+    again = vllm_backend.generate(["1+1=", "23+45="], 16, 6, 1.0, seed=3)
+    other = vllm_backend.generate(["1+1=", "23+45="], 16, 6, 1.0, seed=4)
+    assert torch.equal(rollout.completion_ids, again.completion_ids)  # a seed fixes every completion
+    assert not torch.equal(rollout.completion_ids, other.completion_ids)
+    assert len({tuple(r) for r in rollout.completion_ids[:16].tolist()}) > 1  # samples of one prompt differ
+    lengths = rollout.completion_mask.sum(1)  # [N]
+    for ids, length, truncated in zip(
+        rollout.completion_ids.tolist(), lengths.tolist(), rollout.truncated, strict=True
+    ):
+        if truncated:
+            assert length == 6 and eos not in ids
+        else:  # mask covers the tokens up to and including EOS; pad after it
+            assert ids[length - 1] == eos and all(t == pad for t in ids[length:])
+    assert rollout.truncated.any() and (~rollout.truncated).any()  # a random model does both
+
+
+def test_sync_weights_updates_the_engine(engines: tuple[Any, Any, Any]) -> None:
+    vllm_backend, _, model = engines
+    prompt_ids, completion_ids = fixed_completion(vllm_backend.tokenizer)
+    before = vllm_backend.score(prompt_ids, completion_ids)
+    assert before == pytest.approx(trainer_logprobs(model, prompt_ids, completion_ids), abs=1e-4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    vllm_backend.sync_weights(model)
+    after = vllm_backend.score(prompt_ids, completion_ids)
+    assert after == pytest.approx(trainer_logprobs(model, prompt_ids, completion_ids), abs=1e-4)
+    assert after != pytest.approx(before, abs=1e-3)
