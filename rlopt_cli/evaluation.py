@@ -25,22 +25,22 @@ def evaluate(
     backend: Backend,
     tokenizer: Any,
     task: Task,
+    cfg: Any,
     *,
-    max_new_tokens: int,
-    batch_size: int = 256,
-    chat_template: bool = True,
     samples: int = 0,
     temperature: float = 1.0,
     seed: int = 0,
     examples: Sequence[Example] | None = None,
 ) -> dict[str, float]:
-    """Greedy accuracy on the eval split; with `samples = k > 0` also pass@k and mean sampled accuracy."""
+    """Greedy accuracy on the eval split; with `samples = k > 0` also pass@k and mean sampled accuracy.
+    `cfg` (a RunConfig) gives the completion length, the prompts per generation call and the chat template."""
+    max_new_tokens, batch_size = cfg.grpo.max_completion_length, cfg.rollout.eval_batch_size
     examples = list(task.eval if examples is None else examples)
     greedy_correct = 0.0
     per_problem_correct: list[int] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        prompts = render_prompts(tokenizer, [e.prompt for e in chunk], chat_template)
+        prompts = render_prompts(tokenizer, [e.prompt for e in chunk], cfg.task.chat_template)
         greedy = backend.generate(prompts, 1, max_new_tokens, 0.0, seed)
         greedy_correct += sum(task.rewards(greedy.texts, chunk))
         if samples:

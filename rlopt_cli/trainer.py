@@ -90,14 +90,7 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
         update_meta(run_dir, wandb_id=sink.id)
 
     def run_eval() -> dict[str, float]:
-        result = evaluate(
-            backend,
-            tokenizer,
-            task,
-            max_new_tokens=cfg.grpo.max_completion_length,
-            batch_size=cfg.rollout.eval_batch_size,
-            chat_template=cfg.task.chat_template,
-        )
+        result = evaluate(backend, tokenizer, task, cfg)
         return {"eval/accuracy": result["accuracy"], **reference.fractions(model)}
 
     if start_step == 0:

@@ -44,12 +44,9 @@ def make_backend(name: str, model: Any, tokenizer: Any, cfg: Any) -> Backend:
 
         return HFBackend(model, tokenizer)
     if name == "vllm":
-        try:
-            from rlopt_cli.rollout.vllm import VLLMBackend
-        except ModuleNotFoundError as err:
-            raise RloptError(
-                f"rollout.backend = 'vllm' needs vllm ({err.name} is missing): "
-                "pip install -e '.[vllm]' (or `make vllm`)"
-            ) from None
+        from rlopt_cli.rollout.vllm import (
+            VLLMBackend,
+        )  # imports vllm itself, with a one-line error if missing
+
         return VLLMBackend(model, tokenizer, cfg)
     raise RloptError(f"unknown rollout backend {name!r}; choose one of {', '.join(BACKENDS)}")
