@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     if args.worker:
         emit(one_step(args.worker, args.size))
         return []
-    vocab, hidden, _, layers, _ = SIZES[args.size]
+    size = SIZES[args.size]
     print(
-        f"optimizer memory: Qwen2 ({layers} layers, width {hidden}, vocab {vocab}), "
+        f"optimizer memory: Qwen2 ({size['num_layers']} layers, width {size['hidden_size']}, "
+        f"vocab {size['vocab_size']}), "
         f"fp32 CPU, batch {BATCH}x{SEQ}, one step per fresh process, min of {args.repeats} repeat(s)",
         flush=True,
     )

@@ -41,6 +41,8 @@ SIZES = {
         "num_layers": 4,
         "heads": 6,
     },
+    # tests only: tiny, so one step per optimizer runs in a second
+    "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "heads": 2},
 }
 BATCH, SEQ = 2, 32  # activations ~ tens of MB, far below the state
 
