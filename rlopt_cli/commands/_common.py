@@ -34,9 +34,10 @@ def friendly_errors(fn: F) -> F:
 
 
 def console() -> Any:
+    """stdout console; when it is not a terminal (make, a pipe, a log) tables get 160 columns, not rich's 80."""
     from rich.console import Console
 
-    return Console(stderr=False, soft_wrap=True)
+    return Console(width=None if sys.stdout.isatty() else 160)
 
 
 def say(message: str) -> None:

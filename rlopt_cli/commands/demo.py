@@ -66,7 +66,7 @@ def comparison_table(summaries: list[dict]) -> object:
             f"{s['initial_accuracy']:.3f}",
             f"{s['final_accuracy']:.3f}",
             f"{s['best_accuracy']:.3f}",
-            f"{s['state_bytes'] / 2**20:.2f} MiB ({s['state_bytes_per_param']:.1f} B/param)",
+            f"{s['state_bytes_per_param']:.1f} B/param",
             f"{100 * s['sparsity/bitwise_frac']:.3f}%",
             f"{100 * s['sparsity/atol_frac']:.3f}%",
             f"{s['wall_time_s']:.1f} s",
