@@ -44,8 +44,12 @@ def token_logprobs(
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+L]
     attention = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, P+L]
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [N, P+L]
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
-    logits = logits[:, prompt_ids.shape[1] - 1 : -1, :].float()  # [N, L, V] predicts each completion token
+    # Only the last L+1 positions' logits: the prompt's would cost N x P x V for nothing (V is 150k for Qwen).
+    length = completion_ids.shape[1]
+    out = model(
+        input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=length + 1
+    )
+    logits = out.logits[:, :-1, :].float()  # [N, L, V] predicts each completion token
     if temperature != 1.0:  # score under the distribution the rollouts were sampled from
         logits = logits / temperature
     logps = torch.log_softmax(logits, dim=-1)  # [N, L, V]
