@@ -97,7 +97,7 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
         initial = run_eval()
         metrics_file.log(initial, 0)
         sink.log(initial, 0)
-    with progress_bar(cfg, say) as progress:
+    with progress_bar(cfg) as progress:
         bar = progress.add_task(cfg.run_name, total=cfg.train.steps, completed=start_step, info="")
         for step in range(start_step + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
@@ -348,7 +348,7 @@ def progress_info(row: dict[str, float]) -> str:
     return " ".join(parts)
 
 
-def progress_bar(cfg: RunConfig, say: Any) -> Any:
+def progress_bar(cfg: RunConfig) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
