@@ -29,6 +29,16 @@ from rlopt_cli.errors import RloptError
 
 CHECKPOINTS = "checkpoints"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+CONVERT_HINT = (
+    "rlopt reads only safetensors; convert a trusted file with transformers: "
+    "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)"
+)
+
+
+def refuse_pickle(path: Path) -> None:
+    """Pickled weights can run code when loaded: refuse them, saying how to convert."""
+    if path.suffix in PICKLE_SUFFIXES:
+        raise RloptError(f"{path} is a pickle, which rlopt refuses to load; {CONVERT_HINT}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -70,11 +80,7 @@ def has_weights(folder: Path) -> bool:
 def resolve_checkpoint(path: str | Path, step: int | None = None) -> Path:
     """A checkpoint folder, or a run folder (its last checkpoint, or `step`); one-line errors otherwise."""
     p = Path(path)
-    if p.suffix in PICKLE_SUFFIXES:
-        raise RloptError(
-            f"{p} is a pickle; rlopt reads only safetensors (convert with transformers: "
-            "from_pretrained(...).save_pretrained(DIR) on a trusted file)"
-        )
+    refuse_pickle(p)
     if not p.exists():
         raise RloptError(f"checkpoint not found: {p}")
     if p.is_dir() and (p / CHECKPOINTS).is_dir():

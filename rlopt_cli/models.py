@@ -79,11 +79,9 @@ def build_embedded_model(
 def check_model_path(path: str | Path) -> Path | None:
     """A local folder must hold safetensors weights; pickles are refused. Returns None for a hub id."""
     p = Path(path)
-    if p.suffix in (".bin", ".pt", ".pth", ".pkl"):
-        raise RloptError(
-            f"{p} is a pickle; rlopt loads only safetensors. Convert it with "
-            "`AutoModelForCausalLM.from_pretrained(...).save_pretrained(DIR)` from a trusted source"
-        )
+    from rlopt_cli.checkpoint import refuse_pickle
+
+    refuse_pickle(p)
     if not p.exists():
         if str(path).startswith((".", "/", "~")) or p.parent != Path("."):
             raise RloptError(f"model path not found: {path}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlopt_cli.checkpoint import CHECKPOINTS, PICKLE_SUFFIXES, resolve_checkpoint
+from rlopt_cli.checkpoint import CHECKPOINTS, CONVERT_HINT, refuse_pickle, resolve_checkpoint
 from rlopt_cli.errors import RloptError
 
 if TYPE_CHECKING:
@@ -43,10 +43,6 @@ DTYPE_BYTES = {
     "F8_E5M2": 1,
 }
 NOT_WEIGHTS = ("trainer_state",)  # rlopt's optimizer state and fp32 master copy live beside the export
-CONVERT_HINT = (
-    "rlopt reads only safetensors; convert a trusted file with transformers: "
-    "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)"
-)
 
 
 @dataclass(frozen=True)
@@ -92,8 +88,7 @@ def resolve_weights(path: str | Path, step: int | None = None) -> Weights:
     `step` picks a run folder's checkpoint (default: its last); it is ignored for other kinds of path.
     """
     p = Path(path)
-    if p.suffix in PICKLE_SUFFIXES:
-        raise RloptError(f"{p} is a pickle, which rlopt refuses to load; {CONVERT_HINT}")
+    refuse_pickle(p)
     if not p.exists():
         raise RloptError(
             f"checkpoint not found: {p} (give a checkpoint, run or model folder, or a .safetensors file)"
