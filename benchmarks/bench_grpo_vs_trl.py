@@ -76,7 +76,7 @@ def prepare_model(folder: Path, cold: bool) -> Path:
     """Save the embedded model (warm or random) and its tokenizer as one fp32 folder both sides load."""
     import torch
 
-    from rlopt_cli.config import load_config
+    from rlopt_cli.config_io import load_config
     from rlopt_cli.models import build_char_tokenizer, build_embedded_model, load_pretrained
 
     cfg = load_config()
@@ -94,7 +94,7 @@ def prepare_model(folder: Path, cold: bool) -> Path:
 
 def step_examples(total_steps: int) -> list[Any]:
     """The prompts rlopt draws for steps 1..total_steps with train.seed 0, in order."""
-    from rlopt_cli.config import load_config
+    from rlopt_cli.config_io import load_config
     from rlopt_cli.tasks import build_task
     from rlopt_cli.trainer import pick_examples
 
@@ -108,7 +108,7 @@ def step_examples(total_steps: int) -> list[Any]:
 
 def run_rlopt(args: argparse.Namespace) -> dict[str, Any]:
     from rlopt_cli import trainer
-    from rlopt_cli.config import load_config
+    from rlopt_cli.config_io import load_config
     from rlopt_cli.tracking import read_metrics
 
     total = args.warmup + args.steps

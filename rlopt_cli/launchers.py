@@ -45,7 +45,7 @@ def run_cell(job: Job) -> dict[str, Any]:
 
     import torch
 
-    from rlopt_cli.config import from_dict
+    from rlopt_cli.config_io import from_dict
     from rlopt_cli.trainer import train
 
     torch.set_num_threads(max(1, job.threads))  # N cells on N cores: one thread each, not N x N

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rlopt_cli.config import from_dict, parse_override, set_dotted
+from rlopt_cli.config_io import from_dict, parse_override, set_dotted
 from rlopt_cli.sweep import Cell, Sweep, expand, load_sweep
 
 PAPER_N_PARAMS = 1.7e9  # Qwen3-1.7B, the paper's model for the SGD lr 0.1 runs

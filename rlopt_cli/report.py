@@ -100,7 +100,7 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
 
 def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """The config with every field, so a run written before a new config field was added compares equal."""
-    from rlopt_cli.config import from_dict, to_dict
+    from rlopt_cli.config_io import from_dict, to_dict
 
     try:
         return to_dict(from_dict(config))
@@ -133,7 +133,7 @@ def sweep_variants(folder: Path) -> dict[str, str]:
     path = folder / SWEEP_FILE
     if not path.is_file():
         return {}
-    from rlopt_cli.config import read_toml
+    from rlopt_cli.config_io import read_toml
 
     try:
         return {c.name: c.axes["variant"] for c in expand(read_toml(path), str(path)).cells}
@@ -145,7 +145,7 @@ def load_runs(folder: Path) -> tuple[list[dict[str, Any]], int]:
     """One record per finished run folder directly under `folder`, and the count of unfinished ones."""
     import json
 
-    from rlopt_cli.config import read_toml
+    from rlopt_cli.config_io import read_toml
 
     variants = sweep_variants(folder)
     records, unfinished = [], 0

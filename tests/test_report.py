@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rlopt_cli.cli import app
-from rlopt_cli.config import load_config, to_toml
+from rlopt_cli.config_io import load_config, to_toml
 from rlopt_cli.errors import RloptError
 from rlopt_cli.report import build_report, mean_ci, t_quantile_975, variant_label, write_report
 

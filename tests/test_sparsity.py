@@ -360,7 +360,7 @@ def test_cli_bad_input(tmp_path: Path, case: str) -> None:
 
 @pytest.mark.slow
 def test_agrees_with_in_training_sparsity(tmp_path: Path) -> None:
-    from rlopt_cli.config import load_config
+    from rlopt_cli.config_io import load_config
     from rlopt_cli.trainer import train
 
     overrides = [

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlopt_cli import trainer
-from rlopt_cli.config import load_config
+from rlopt_cli.config_io import load_config
 from rlopt_cli.tracking import read_metrics
 
 pytestmark = pytest.mark.slow

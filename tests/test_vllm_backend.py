@@ -54,7 +54,7 @@ def trainer_logprobs(model: Any, prompt_ids: list[int], completion_ids: list[int
 def run_and_record(out: Path, seed: int, device: str) -> None:
     """One training run; after every weight sync, record engine vs trainer log-probs of the fixed completion."""
     from rlopt_cli import trainer
-    from rlopt_cli.config import load_config
+    from rlopt_cli.config_io import load_config
     from rlopt_cli.tracking import read_metrics
 
     extra = [f"train.seed={seed}", f"train.device={device}"]
@@ -140,7 +140,7 @@ def test_engine_follows_the_trainer_on_cuda_with_sleep_mode(tmp_path: Path) -> N
 
 @pytest.fixture(scope="module")
 def engines() -> tuple[Any, Any, Any]:
-    from rlopt_cli.config import load_config
+    from rlopt_cli.config_io import load_config
     from rlopt_cli.models import build_char_tokenizer, build_embedded_model
     from rlopt_cli.rollout import make_backend
     from rlopt_cli.rollout.hf import HFBackend

@@ -29,7 +29,7 @@ def demo(
     overrides: list[str] = typer.Option([], "--set", "-s", help="Dotted override applied to both runs."),
 ) -> None:
     """GRPO on the embedded task with SGD and AdamW from one warm model; prints the comparison."""
-    from rlopt_cli.config import load_config
+    from rlopt_cli.config_io import load_config
     from rlopt_cli.trainer import train
 
     started = time.perf_counter()

@@ -28,7 +28,7 @@ def eval_checkpoint(
 ) -> None:
     """Evaluate a model on its task's eval split (the task comes from the checkpoint's rlopt.toml)."""
     from rlopt_cli.checkpoint import resolve_checkpoint
-    from rlopt_cli.config import from_dict, parse_override, read_toml, set_dotted
+    from rlopt_cli.config_io import from_dict, parse_override, read_toml, set_dotted
     from rlopt_cli.errors import RloptError
 
     if samples < 0 or limit < 0:

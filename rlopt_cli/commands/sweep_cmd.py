@@ -72,7 +72,7 @@ def run_cells(
     """Launch the cells under a live display; returns (cell, error) for the cells that failed."""
     from rich.live import Live
 
-    from rlopt_cli.config import to_dict
+    from rlopt_cli.config_io import to_dict
     from rlopt_cli.launchers import Job, cpu_count, launch
 
     threads = max(1, int(settings.num_cpus)) if launcher != "local" else max(1, cpu_count() // workers)

@@ -24,7 +24,7 @@ def train(
     wandb: bool | None = typer.Option(None, "--wandb/--no-wandb", help="Log to W&B (offline without a key)."),
 ) -> None:
     """Train one run (resumes if its folder holds an unfinished run with the same config)."""
-    from rlopt_cli.config import load_config
+    from rlopt_cli.config_io import load_config
 
     flags = {
         "optimizer.name": optimizer,
