@@ -1,8 +1,8 @@
 """Run configuration: frozen dataclasses, one per section, validated in `__post_init__`.
 
-Data flows one way: a recipe (TOML) plus overrides becomes a `RunConfig` (rlopt_cli/config_io.py), the trainer reads it, and the fully
-resolved config is written beside the results as `config.toml`. Nothing mutates a config after it is built;
-derived values are properties. This module imports no torch, so the CLI stays fast.
+Data flows one way: a recipe (TOML) plus overrides becomes a `RunConfig` (rlopt_cli/config_io.py), the
+trainer reads it, and the fully resolved config is written beside the results as `config.toml`. Nothing
+mutates a config after it is built; derived values are properties. This module imports no torch.
 """
 
 from __future__ import annotations
