@@ -13,7 +13,15 @@ from typer.testing import CliRunner
 
 from rlopt_cli.cli import app
 from rlopt_cli.errors import RloptError
-from rlopt_cli.sparsity import Counts, effective_rank, layer_index, module_type, sparsity
+from rlopt_cli.sparsity import (
+    Counts,
+    count_slice,
+    effective_rank,
+    layer_index,
+    module_type,
+    settled_range,
+    sparsity,
+)
 
 runner = CliRunner()
 
@@ -99,7 +107,7 @@ def test_bf16_stored_pair(tmp_path: Path) -> None:
 
 
 def test_large_tensor_is_counted_in_slices(tmp_path: Path) -> None:
-    # Over many slices of CHUNK elements, with changes dense (every coordinate) and sparse (gathered first).
+    # Over many slices of FLOAT_CHUNK elements, with changes dense (every coordinate) and sparse (gathered first).
     a = torch.zeros(3 << 20)
     b = a.clone()
     b[: 1 << 20] = 1.0  # the first slice: every coordinate changed
@@ -110,6 +118,44 @@ def test_large_tensor_is_counted_in_slices(tmp_path: Path) -> None:
     )
     sparse = len(range((2 << 20) + 5, 3 << 20, 1000))
     assert sparsity(fa, fb).total == Counts(3 << 20, (1 << 20) + sparse, 1 << 20, (1 << 20) + sparse)
+
+
+def test_settled_range_by_hand() -> None:
+    # bf16 (7 mantissa bits), atol 1e-5 < 2^-16: from 2^-9 (bits 0x3B00) up to infinity (0x7F80) every change
+    # passes atol (one ULP >= 2^-16) and rtol 1e-3 < 2^-8. float16 at rtol 1e-3 has no such range (2^-11 needed).
+    assert settled_range(torch.bfloat16, 1e-5, 1e-3) == (0x3B00, 0x7F80)
+    assert settled_range(torch.bfloat16, 1e-5, 2**-8) is None
+    assert settled_range(torch.float16, 1e-5, 1e-3) is None
+    assert settled_range(torch.float16, 1e-5, 4e-4) == (0x2400, 0x7C00)  # 2^-6: one ULP 2^-16 > 1e-5
+    assert settled_range(torch.float32, 1e-5, 1e-3) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("atol", "rtol"),
+    [
+        *[(1e-5, 1e-3), (1e-5, 4e-4), (0.0, 0.0), (2**-16, 2**-8 * (1 - 2**-20)), (1e-5, 3e-3)],
+        *[(2**-17, 2**-11 * (1 - 2**-20)), (0.5, 1e-5), (1e-30, 2**-13), (1e-5, 5e-3), (1e-5, 7e-4)],
+    ],
+)
+@pytest.mark.parametrize("every", [1, 64])  # every coordinate moved (dense), or one in 64 (gathered first)
+def test_bit_rules_count_as_the_float_rules(dtype: torch.dtype, atol: float, rtol: float, every: int) -> None:
+    # A holds every 16-bit pattern (both zeros, subnormals, normals, infinities, NaNs) 4 times; B moves each by
+    # -3..3 ULPs, flips its sign, or replaces it with random bits. The bit shortcut must count exactly as the
+    # float rules do on every coordinate, whatever the magnitudes and tolerances.
+    gen = torch.Generator().manual_seed(0)
+    a_bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).repeat(4)  # [262144]
+    n = a_bits.numel()
+    kind = torch.randint(0, 3, (n,), generator=gen)
+    ulps = (a_bits.to(torch.int32) + torch.randint(-3, 4, (n,), generator=gen)).to(torch.int16)  # wraps
+    flipped = a_bits ^ -(1 << 15)
+    random_bits = torch.randint(-(1 << 15), 1 << 15, (n,), generator=gen, dtype=torch.int32).to(torch.int16)
+    b_bits = torch.where(kind == 0, ulps, torch.where(kind == 1, flipped, random_bits))
+    keep = torch.arange(n) % every == 0
+    b_bits = torch.where(keep, b_bits, a_bits)
+    a, b = a_bits.view(dtype), b_bits.view(dtype)
+    settled = settled_range(dtype, atol, rtol)
+    assert count_slice(a, b, atol, rtol, settled) == count_slice(a, b, atol, rtol, None)
 
 
 # ---- grouping, tied weights, shards, skipped tensors -------------------------------------------------------
