@@ -126,6 +126,12 @@ class GRPOConfig:
     """Loss aggregation: grpo (per-sequence mean), bnpo (per micro-batch token mean), dr_grpo (/ B*L_max), dapo."""
     mask_truncated_completions: bool = False
     """Exclude completions that hit max_completion_length without EOS from the loss (DAPO)."""
+    skip_zero_advantage: bool = True
+    """Skip the forward/backward of groups whose rewards are all equal: with beta = 0 their loss and gradient
+    are exactly zero (their tokens still count in the loss normalisers). Off: every row is forwarded."""
+    share_prompt_forward: bool = True
+    """Forward each prompt once per group in the log-prob pass and repeat its KV cache over the G completions
+    (same log-probs and gradients; used when micro-batches hold whole groups). Off: one forward per row."""
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:

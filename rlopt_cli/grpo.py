@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from rlopt_cli.models import cache_argument, returned_cache
+
 ADV_EPS = 1e-4  # as TRL and nano-aha-moment: keeps groups with tiny reward spread from exploding
 
 
@@ -39,21 +41,70 @@ def token_logprobs(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
+    group_size: int = 1,
 ) -> torch.Tensor:
-    """log p(completion token | prefix) under `model`, one batched forward: [N, L]."""
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+L]
+    """log p(completion token | prefix) under `model`, batched: [N, L].
+
+    With `group_size` G > 1 the rows come in groups of G consecutive rows that share one prompt (GRPO's layout),
+    and each prompt is forwarded once: its KV cache, autograd graph included, is repeated over the group and the
+    completions are forwarded on top of it. The log-probs and gradients are those of one forward over every
+    row's P + L tokens (tested), from N/G x P + N x L tokens instead of N x (P + L).
+    """
     attention = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, P+L]
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [N, P+L]
-    # Only the last L+1 positions' logits: the prompt's would cost N x P x V for nothing (V is 150k for Qwen).
-    length = completion_ids.shape[1]
-    out = model(
-        input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=length + 1
-    )
-    logits = out.logits[:, :-1, :].float()  # [N, L, V] predicts each completion token
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [N, P+L]: left padding shifts positions
+    if group_size > 1:
+        logits = shared_prompt_logits(model, prompt_ids, completion_ids, attention, positions, group_size)
+    else:
+        # Only the last L+1 positions' logits: the prompt's would cost N x P x V for nothing (V is 150k for Qwen).
+        out = model(
+            input_ids=torch.cat([prompt_ids, completion_ids], dim=1),  # [N, P+L]
+            attention_mask=attention,
+            position_ids=positions,
+            logits_to_keep=completion_ids.shape[1] + 1,
+        )
+        logits = out.logits[:, :-1, :]  # [N, L, V] predicts each completion token
+    logits = logits.float()
     if temperature != 1.0:  # score under the distribution the rollouts were sampled from
         logits = logits / temperature
     logps = torch.log_softmax(logits, dim=-1)  # [N, L, V]
     return logps.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, L]
+
+
+def shared_prompt_logits(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    completion_ids: torch.Tensor,
+    attention: torch.Tensor,
+    positions: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """Logits [N, L, V] predicting each completion token, each group's prompt forwarded once."""
+    n, prompt_len = prompt_ids.shape
+    if n % group_size or not torch.equal(
+        prompt_ids, prompt_ids[::group_size].repeat_interleave(group_size, 0)
+    ):
+        raise ValueError(f"rows do not come in groups of {group_size} that share a prompt")
+    first = slice(None, None, group_size)  # one row per group
+    out = model(
+        input_ids=prompt_ids[first],  # [N/G, P]
+        attention_mask=attention[first, :prompt_len],
+        position_ids=positions[first, :prompt_len],
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = [out.logits.repeat_interleave(group_size, 0)]  # [N, 1, V]: predicts completion token 0
+    if completion_ids.shape[1] > 1:
+        cache = returned_cache(out)
+        cache.batch_repeat_interleave(group_size)  # [N/G, ...] -> [N, ...]; differentiable
+        rest = model(
+            input_ids=completion_ids[:, :-1],  # [N, L-1]: each predicts the next completion token
+            attention_mask=attention[:, :-1],  # [N, P+L-1]: the cached prompt and the completion so far
+            position_ids=positions[:, prompt_len:-1],
+            use_cache=True,
+            **{cache_argument(model): cache},
+        )
+        logits.append(rest.logits)  # [N, L-1, V]
+    return torch.cat(logits, dim=1)
 
 
 class TokenLoss(NamedTuple):
@@ -94,11 +145,13 @@ def aggregate(
     num_tokens: int,
     max_completion_length: int,
     num_micro_batches: int = 1,
+    micro_batch_tokens: int | None = None,
 ) -> torch.Tensor:
     """Reduce a micro-batch's [N, L] token losses to the scalar whose gradient sums to the batch gradient.
 
     `num_sequences` and `num_tokens` count the whole batch (all micro-batches), so the micro-batch losses
-    add up to exactly the loss of one big batch for grpo, dr_grpo and dapo.
+    add up to exactly the loss of one big batch for grpo, dr_grpo and dapo. `micro_batch_tokens` counts the
+    micro-batch's tokens when rows with zero loss were left out of `token_loss` (bnpo's normaliser).
     """
     mask = mask.to(token_loss.dtype)
     total = (token_loss * mask).sum()
@@ -106,7 +159,8 @@ def aggregate(
         per_seq = (token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [N]
         return per_seq.sum() / num_sequences
     if loss_type == "bnpo":
-        return total / mask.sum().clamp(min=1) / num_micro_batches
+        tokens = mask.sum().clamp(min=1) if micro_batch_tokens is None else max(micro_batch_tokens, 1)
+        return total / tokens / num_micro_batches
     if loss_type == "dr_grpo":
         return total / (num_sequences * max_completion_length)
     if loss_type == "dapo":

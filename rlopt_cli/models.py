@@ -8,6 +8,7 @@ trainer, checkpoints and sparsity tools run on it as on Qwen3-8B.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -165,3 +166,13 @@ def mark_saved_dtype(folder: Path, dtype_name: str) -> None:
 def parameter_count(model: PreTrainedModel) -> int:
     """Distinct parameters (a tied lm_head counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def cache_argument(model: Any) -> str:
+    """transformers 5.2x renamed `past_key_values` to `cache`; accept both so older installs work."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

@@ -164,53 +164,76 @@ def grpo_step(
     micro = g.micro_batch_size or g.batch_size
     slices = [slice(i, i + micro) for i in range(0, g.batch_size, micro)]
     num_tokens = int(mask.sum())
+    # Rows that carry a gradient. With beta = 0, a group whose completions all scored alike has zero advantage:
+    # its loss and gradient are exactly zero, so its forward/backward is skipped (its tokens still count in the
+    # loss normalisers). Groups go whole, so the prompt forward is still shared within each group.
+    carries = advantages.view(-1, g.num_generations).ne(0).any(1).repeat_interleave(g.num_generations)  # [B]
+    if g.beta > 0 or not g.skip_zero_advantage:
+        carries = torch.ones_like(carries)
+    batches = [torch.arange(s.start, s.stop, device=device)[carries[s]] for s in slices]  # row indices [b]
+    # Whole groups per micro-batch: each prompt is forwarded once for its G completions (grpo.token_logprobs).
+    group_size = g.num_generations if g.share_prompt_forward and micro % g.num_generations == 0 else 1
 
-    def logps_of(m: Any, s: slice) -> torch.Tensor:
+    def logps_of(m: Any, rows: torch.Tensor) -> torch.Tensor:
         with autocast(cfg, device):
             return grpo.token_logprobs(
                 m,
-                rollout.prompt_ids[s],
-                rollout.prompt_mask[s],
-                rollout.completion_ids[s],
-                mask[s],
+                rollout.prompt_ids[rows],
+                rollout.prompt_mask[rows],
+                rollout.completion_ids[rows],
+                mask[rows],
                 g.temperature,
+                group_size,
             )  # [b, L]
 
-    with (
-        torch.no_grad()
-    ):  # the sampling policy's log-probs are needed only when it differs from the current one
-        old_logps = torch.cat([logps_of(model, s) for s in slices]) if g.num_iterations > 1 else None
-        ref_logps = torch.cat([logps_of(ref_model, s) for s in slices]) if ref_model is not None else None
+    def frozen_logps(m: Any) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [logps_of(m, rows) if len(rows) else torch.empty(0) for rows in batches]
 
-    losses, kls, clips, grad_norms = [], [], [], []
+    # The sampling policy's log-probs are needed only when it differs from the current one.
+    old_logps = frozen_logps(model) if g.num_iterations > 1 else None
+    ref_logps = frozen_logps(ref_model) if ref_model is not None else None
+
+    losses: list[float] = []
+    kls: list[float] = []
+    clips: list[float] = []
+    grad_norms: list[float] = []
     probed = None
     for iteration in range(g.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        for s in slices:
-            logps = logps_of(model, s)
-            old = logps.detach() if old_logps is None else old_logps[s]
+        for i, rows in enumerate(batches):
+            micro_tokens = int(mask[slices[i]].sum())
+            if len(rows) == 0:  # no row of this micro-batch carries a gradient: its loss is exactly 0
+                for metric in (losses, kls, clips):
+                    metric.append(0.0)
+                continue
+            logps = logps_of(model, rows)
             token = grpo.per_token_loss(
                 logps,
-                old,
-                None if ref_logps is None else ref_logps[s],
-                advantages[s],
+                logps.detach() if old_logps is None else old_logps[i],
+                None if ref_logps is None else ref_logps[i],
+                advantages[rows],
                 g.epsilon,
                 g.clip_high,
                 g.beta,
             )
             loss = grpo.aggregate(
                 token.loss,
-                mask[s],
+                mask[rows],
                 g.loss_type,
                 num_sequences=g.batch_size,
                 num_tokens=num_tokens,
                 max_completion_length=g.max_completion_length,
                 num_micro_batches=len(slices),
+                micro_batch_tokens=micro_tokens,
             )
             loss.backward()
             losses.append(loss.item())
-            kls.append(grpo.masked_mean(token.kl.detach(), mask[s]))
-            clips.append(grpo.masked_mean(token.clipped.float(), mask[s]))
+            kls.append(grpo.masked_mean(token.kl.detach(), mask[rows]))  # rows are skipped only when kl is 0
+            clips.append(float((token.clipped & mask[rows].bool()).sum()) / max(1, micro_tokens))
+        if not carries.any():  # as a full backward would: the optimizer steps on zero gradients
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
         probe_now = iteration == 0 and step in cfg.probe.steps
         norm, stats = clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm, probe_now)
         grad_norms.append(norm)
@@ -227,6 +250,7 @@ def grpo_step(
         "train/clip_frac": sum(clips) / len(clips),
         "train/completion_len": float(rollout.completion_mask.sum(1).float().mean()),
         "train/truncated_frac": float(rollout.truncated.float().mean()),
+        "train/skipped_frac": 1.0 - float(carries.float().mean()),
         "train/grad_norm": grad_norms[0],
         "train/clip_active": float(grad_norms[0] > cfg.optimizer.max_grad_norm > 0),
         "time/gen_s": gen_s,

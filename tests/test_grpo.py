@@ -123,3 +123,55 @@ def test_token_logprobs_match_a_manual_forward() -> None:
     logits0 = model(input_ids=ids0).logits[0, len(real) - 1 : -1]
     want0 = torch.log_softmax(logits0, -1).gather(-1, completion[0, :2][:, None]).squeeze(-1)
     assert torch.allclose(got[0, :2], want0, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 4])
+def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(length: int) -> None:
+    # Three prompts of different lengths (left padding), G = 3 completions each, some ending early (EOS, pad):
+    # forwarding each prompt once and repeating its KV cache must reproduce the per-row forward exactly.
+    from rlopt_cli.config import ModelConfig
+    from rlopt_cli.models import build_char_tokenizer, build_embedded_model
+
+    tok = build_char_tokenizer()
+    model = build_embedded_model(
+        ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2), len(tok), tok
+    )
+    group = 3
+    enc = tok(["1+2=", "12+34=", "7+55="], return_tensors="pt", padding=True)
+    prompt_ids = enc.input_ids.repeat_interleave(group, 0)  # [9, P]
+    prompt_mask = enc.attention_mask.repeat_interleave(group, 0)
+    gen = torch.Generator().manual_seed(0)
+    completion = torch.randint(3, len(tok), (9, length), generator=gen)  # [9, L]
+    cmask = torch.ones_like(completion)
+    if length > 1:
+        cmask[1, 2:] = 0  # ended early: the rest is padding
+        cmask[5, 1:] = 0
+
+    def run(group_size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        logps = grpo.token_logprobs(model, prompt_ids, prompt_mask, completion, cmask, 0.7, group_size)
+        (logps * cmask * torch.linspace(-1, 1, 9)[:, None]).sum().backward()
+        return logps.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain, plain_grads = run(1)
+    shared, shared_grads = run(group)
+    assert torch.allclose(shared * cmask, plain * cmask, atol=1e-5)
+    for a, b in zip(shared_grads, plain_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert max(float(g.abs().max()) for g in plain_grads) > 1e-3  # the gradients compared are not all zero
+
+
+def test_shared_prompt_forward_refuses_rows_that_are_not_groups() -> None:
+    from rlopt_cli.config import ModelConfig
+    from rlopt_cli.models import build_char_tokenizer, build_embedded_model
+
+    tok = build_char_tokenizer()
+    model = build_embedded_model(
+        ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2), len(tok), tok
+    )
+    enc = tok(["1+2=", "3+4="], return_tensors="pt", padding=True)  # two prompts, one row each
+    completion = torch.tensor([[5, 6], [7, 8]])
+    with pytest.raises(ValueError, match="groups of 2"):
+        grpo.token_logprobs(
+            model, enc.input_ids, enc.attention_mask, completion, torch.ones_like(completion), 1.0, 2
+        )

@@ -238,3 +238,29 @@ def test_warm_model_is_built_once_per_key(tiny_overrides: list[str]) -> None:
     assert warm_key(tiny(tiny_overrides, "task.digits=2")) != warm_key(cfg)
     summary = json.loads((first.parents[1] / "summary.json").read_text())
     assert summary["objective"] == "sft" and summary["optimizer"] == "adamw" and summary["steps"] == 100
+
+
+@pytest.mark.parametrize("lr", [0.005, 0.05], ids=["some-groups-skipped", "collapses-then-all-skipped"])
+def test_skipping_and_sharing_do_not_change_the_run(
+    tmp_path: Path, tiny_overrides: list[str], lr: float
+) -> None:
+    # Zero-advantage groups skipped and prompts forwarded once per group, against every row forwarded on its
+    # own: the same updates, with micro-batches and bnpo's per-micro-batch normaliser. SGD with momentum is
+    # linear in the gradient, and its state must still advance on a step where every group was skipped (at
+    # lr 0.05 the policy collapses after one step and every later group scores alike). G = 2: many groups do.
+    extra = ("optimizer.name='sgd'", "optimizer.momentum=0.9", f"optimizer.lr={lr}", "grpo.num_generations=2")
+    extra += ("grpo.micro_batch_size=4", "grpo.loss_type='bnpo'")
+    fast = trainer.train(tiny(tiny_overrides, *extra), tmp_path / "fast", quiet)
+    off = ("grpo.skip_zero_advantage=false", "grpo.share_prompt_forward=false")
+    full = trainer.train(tiny(tiny_overrides, *extra, *off), tmp_path / "full", quiet)
+    fast_rows, full_rows = read_metrics(fast)[1:], read_metrics(full)[1:]
+    assert sum(r["train/skipped_frac"] for r in fast_rows) > 0  # some groups were skipped
+    assert all(r["train/skipped_frac"] == 0 for r in full_rows)
+    for a, b in zip(fast_rows, full_rows, strict=True):
+        assert a["train/reward_mean"] == b["train/reward_mean"]
+        for key in ("train/loss", "train/grad_norm", "train/clip_frac"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    a = load_file(fast / "checkpoints/step-000004/trainer_state.safetensors")
+    b = load_file(full / "checkpoints/step-000004/trainer_state.safetensors")
+    masters = [k for k in a if k.startswith("master.")]
+    assert masters and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in masters)

@@ -26,6 +26,17 @@ class Rollout:
     truncated: torch.Tensor  # [N] bool: hit max_new_tokens without EOS
     texts: list[str]  # decoded completions, EOS and padding removed
 
+    def normal_tensors(self) -> Rollout:
+        """Copies of tensors made under `torch.inference_mode`, which autograd may not save for backward."""
+        return Rollout(
+            self.prompt_ids.clone(),
+            self.prompt_mask.clone(),
+            self.completion_ids.clone(),
+            self.completion_mask.clone(),
+            self.truncated.clone(),
+            self.texts,
+        )
+
 
 class Backend(Protocol):
     def generate(

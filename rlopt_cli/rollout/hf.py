@@ -7,11 +7,11 @@ fixes every completion. Temperature 0 means greedy.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 
+from rlopt_cli.models import cache_argument, returned_cache
 from rlopt_cli.rollout import Rollout
 
 
@@ -22,17 +22,7 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (eos_before == 0).int()
 
 
-def cache_argument(model: Any) -> str:
-    """transformers 5.2x renamed `past_key_values` to `cache`; accept both so older installs work."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def returned_cache(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-@torch.no_grad()
+@torch.inference_mode()  # lighter than no_grad: no version counters or view tracking on the many small ops
 def sample(
     model: Any,
     tokenizer: Any,
@@ -61,13 +51,17 @@ def sample(
     )
     cache = returned_cache(out)
     cache.batch_repeat_interleave(n)
-    first_logits = out.logits[:, -1, :].repeat_interleave(n, 0)  # [N, V]
-    attention = prompt_mask
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [N, P]
+    step_logits = out.logits[:, -1, :].repeat_interleave(n, 0)  # [N, V]
+    # The model forwards only the rows still generating: `rows` maps them back to the batch. Sampling still
+    # draws for every row (a finished row's draw is discarded), so the generator advances as with all rows.
+    rows = torch.arange(batch, device=device)  # [A]
+    attention = prompt_mask  # [A, P+t]
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [A, P]
+    logits = torch.zeros(batch, step_logits.shape[-1], device=device)  # [N, V]; finished rows keep their last
     tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)  # [N, L]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [N]
     for t in range(max_new_tokens):
-        logits = (first_logits if t == 0 else out.logits[:, -1, :]).float()  # [N, V]
+        logits[rows] = step_logits.float()
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
             next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
@@ -79,16 +73,21 @@ def sample(
         if finished.all() or t == max_new_tokens - 1:
             tokens = tokens[:, : t + 1]
             break
+        still = (~finished[rows]).nonzero().squeeze(1)  # [A'] positions among the forwarded rows
+        if still.numel() < rows.numel():  # drop the rows that just finished, from the cache too
+            cache.batch_select_indices(still)
+            rows, attention, positions = rows[still], attention[still], positions[still]
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
         positions = positions[:, -1:] + 1
         out = model(
-            input_ids=next_tok[:, None],
+            input_ids=next_tok[rows, None],
             attention_mask=attention,
             position_ids=positions,
             use_cache=True,
             **{cache_arg: cache},
         )
         cache = returned_cache(out)
+        step_logits = out.logits[:, -1, :]  # [A, V]
     mask = completion_mask(tokens, eos)
     texts = tokenizer.batch_decode(tokens.masked_fill(tokens == eos, pad), skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, tokens, mask, truncated=~finished, texts=texts)
@@ -108,7 +107,8 @@ class HFBackend:
         was_training = self.model.training
         self.model.eval()
         try:
-            return sample(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, generator)
+            rollout = sample(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, generator)
+            return rollout.normal_tensors()
         finally:
             self.model.train(was_training)
 
