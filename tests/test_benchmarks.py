@@ -64,10 +64,13 @@ def worker_args(model: Path, out: Path, side: str) -> object:
     )
 
 
-def test_grpo_benchmark_rlopt_side(cold_model: Path, tmp_path: Path) -> None:
-    result = grpo_bench.run_rlopt(worker_args(cold_model, tmp_path, "rlopt"))  # type: ignore[arg-type]
+@pytest.mark.parametrize("side", ["rlopt", grpo_bench.ALL_ROWS])
+def test_grpo_benchmark_rlopt_sides(cold_model: Path, tmp_path: Path, side: str) -> None:
+    result = grpo_bench.run_rlopt(worker_args(cold_model, tmp_path, side))  # type: ignore[arg-type]
     assert len(result["step_s"]) == len(result["cpu_s"]) == 2
     assert all(t > 0 for t in result["step_s"] + result["cpu_s"])
+    run = next(tmp_path.glob("*/config.toml")).read_text()
+    assert f"skip_zero_advantage = {'false' if side == grpo_bench.ALL_ROWS else 'true'}" in run
 
 
 def test_grpo_benchmark_trl_side_and_report(cold_model: Path, tmp_path: Path) -> None:
@@ -75,7 +78,7 @@ def test_grpo_benchmark_trl_side_and_report(cold_model: Path, tmp_path: Path) ->
     trl = grpo_bench.run_trl(worker_args(cold_model, tmp_path / "trl", "trl"))  # type: ignore[arg-type]
     assert len(trl["step_s"]) == len(trl["cpu_s"]) == 2
     rlopt = {"step_s": [0.1, 0.1], "cpu_s": [0.1, 0.1], "reward_mean": 0.0, "peak_rss": 1}
-    lines = grpo_bench.report({"trl": [trl], "rlopt": [rlopt]})
+    lines = grpo_bench.report({"trl": [trl], grpo_bench.ALL_ROWS: [rlopt], "rlopt": [rlopt]})
     assert [RESULT_LINE.match(line)["name"] for line in lines] == [  # type: ignore[index]
         "grpo_speedup_vs_trl",
         "grpo_cpu_speedup_vs_trl",
