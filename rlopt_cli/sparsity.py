@@ -285,13 +285,13 @@ def settled_range(dtype: torch.dtype, atol: float, rtol: float) -> tuple[int, in
     """Magnitudes, as bits [floor, inf), in which every change of a 16-bit float passes both float rules.
 
     Why this is exact: two different values of a format with m mantissa bits, both of magnitude >= 2^E, differ
-    by at least 2^(E-m) (one ULP at the smaller), which float32 holds exactly; so they pass atol once
-    2^(E-m) > atol. With 2^F <= M = max(|a|, |b|) < 2^(F+1) they differ by at least 2^(F-m), or by 2^(F-1-m)
-    when M = 2^F (the step below a power of two): either way by more than rtol * M whenever rtol < 2^(-1-m).
-    A sign flip moves by |a| + |b|, more still. The floor stays >= 2^-64 so no float32 product nears the
-    subnormals.
-    Smaller magnitudes, zeros, infinities and NaNs take the float rules. None: no such range (a 32/64-bit
-    format, or an rtol too large for the format, e.g. float16 at the default 1e-3).
+    by at least 2^(E-m) (one ULP at the smaller); float32 holds that bound exactly, so rounding the difference
+    cannot take it below, and they pass atol once 2^(E-m) > atol. With 2^F <= M = max(|a|, |b|) < 2^(F+1) they
+    differ by at least 2^(F-m), or by 2^(F-1-m) when M = 2^F (the step below a power of two): either way by
+    more than rtol * M whenever rtol < 2^(-1-m). A sign flip moves by |a| + |b|, more still. The floor stays
+    >= 2^-64, so no float32 product nears the subnormals. Smaller magnitudes, zeros, infinities and NaNs take
+    the float rules. None: no such range (a 32/64-bit format, or an rtol too large for the format, e.g.
+    float16 at the default 1e-3).
     """
     import numpy as np
     import torch
