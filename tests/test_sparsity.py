@@ -13,15 +13,8 @@ from typer.testing import CliRunner
 
 from rlopt_cli.cli import app
 from rlopt_cli.errors import RloptError
-from rlopt_cli.sparsity import (
-    Counts,
-    count_slice,
-    effective_rank,
-    layer_index,
-    module_type,
-    settled_range,
-    sparsity,
-)
+from rlopt_cli.sparsity import effective_rank, layer_index, module_type, sparsity
+from rlopt_cli.sparsity_count import Counts, count_slice, settled_range
 
 runner = CliRunner()
 

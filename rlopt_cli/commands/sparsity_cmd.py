@@ -94,7 +94,7 @@ def print_tables(result: Any, by: str) -> None:
     from rich.table import Table
 
     from rlopt_cli.commands._common import console
-    from rlopt_cli.sparsity import RULES
+    from rlopt_cli.sparsity_count import RULES
 
     out = console()
     total = result.total
