@@ -127,7 +127,7 @@ def test_demo_compares_sgd_and_adamw(
     result = runner.invoke(app, ["demo", "--steps", "2", "--out", str(tmp_path), *sets])
     assert result.exit_code == 0, result.output
     runs = sorted(p.name for p in tmp_path.iterdir())
-    assert runs == ["arithmetic__grpo__adamw__lr3e-05__s0", "arithmetic__grpo__sgd__lr0.01__s0"]
+    assert runs == ["arithmetic__grpo__adamw__lr3e-05__s0", "arithmetic__grpo__sgd__lr0.003__s0"]
     table = result.output
     for word in ("optimizer", "sgd", "adamw", "0.0 B/param", "8.0 B/param", "params changed"):
         assert word in table

@@ -15,7 +15,7 @@ import typer
 
 from rlopt_cli.commands._common import console, friendly_errors, say
 
-SGD_LR = 0.01
+SGD_LR = 0.003
 ADAMW_LR = 3e-5
 
 
