@@ -1,8 +1,8 @@
 """Batched sampling with the live transformers model and its KV cache.
 
-One prefill over the left-padded prompts (each repeated n times), then one batched forward per new token;
-no per-sample Python loops. Sampling draws from an explicit `torch.Generator` seeded per call, so a seed
-fixes every completion. Temperature 0 means greedy.
+One prefill over the distinct left-padded prompts, whose KV cache is repeated n times, then one batched forward
+per new token over the rows still generating; no per-sample Python loops. Sampling draws from an explicit
+`torch.Generator` seeded per call, so a seed fixes every completion. Temperature 0 means greedy.
 """
 
 from __future__ import annotations
