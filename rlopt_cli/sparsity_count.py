@@ -28,6 +28,7 @@ BITS_CHUNK = 1 << 18
 # Gather the changed coordinates first when under 1/GATHER of a slice changed: at ~10% changed, finding them
 # costs more than the float rules on the whole slice (measured), so gathering pays only well below that.
 GATHER = 32
+OPEN_BATCH = 1 << 20  # coordinates the bits leave open, judged together (float temporaries: 4 MB each)
 
 
 @dataclass(frozen=True)
@@ -69,16 +70,34 @@ def count_changed(
     a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float, dtype: torch.dtype | None = None
 ) -> Counts:
     """Coordinates of `b` that differ from `a` under the three rules, both cast to `dtype` (None: as is)."""
+    import torch
+
     cast = dtype or a.dtype
     settled = settled_range(cast, atol, rtol)
     a, b = a.reshape(-1), b.reshape(-1)  # [n]: views of the memory-mapped file, nothing copied yet
     chunk = FLOAT_CHUNK if settled is None else BITS_CHUNK
     total = Counts()
+    # The coordinates the bits leave open, judged by the float rules in batches of up to OPEN_BATCH: one call
+    # per slice would cost more in call overhead than in arithmetic; one per tensor could hold all of it.
+    open_a: list[torch.Tensor] = []
+    open_b: list[torch.Tensor] = []
+    n_open = 0
     for start in range(0, a.numel(), chunk):
         a_slice, b_slice = a[start : start + chunk], b[start : start + chunk]  # [c]
         if cast != a.dtype:
             a_slice, b_slice = a_slice.to(cast), b_slice.to(cast)
-        total += count_slice(a_slice, b_slice, atol, rtol, settled)
+        if settled is None:
+            total += count_slice(a_slice, b_slice, atol, rtol)
+            continue
+        n_changed, n_bits, rest_a, rest_b = settle_slice(a_slice, b_slice, settled)
+        total += Counts(0, n_changed, n_bits, n_bits)
+        open_a.append(rest_a)
+        open_b.append(rest_b)
+        n_open += len(rest_a)
+        if n_open >= OPEN_BATCH or start + chunk >= a.numel():
+            n_atol, n_relative = float_rules(torch.cat(open_a), torch.cat(open_b), atol, rtol)
+            total += Counts(0, 0, n_atol, n_relative)
+            open_a, open_b, n_open = [], [], 0
     return Counts(a.numel(), total.bitwise, total.atol, total.relative)
 
 
@@ -124,6 +143,30 @@ def unsettled(a_bits: np.ndarray, b_bits: np.ndarray, settled: tuple[int, int]) 
     return worst >= inf - floor
 
 
+def settle_slice(
+    a: torch.Tensor, b: torch.Tensor, settled: tuple[int, int]
+) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """One 16-bit slice [c]: how many coordinates changed, how many of those the bits settle (they count under
+    every rule), and the values [u] of the rest, which the float rules must judge."""
+    import numpy as np
+    import torch
+
+    a_bits, b_bits = a.view(torch.int16).numpy(), b.view(torch.int16).numpy()  # [c]
+    changed = np.not_equal(a_bits, b_bits)  # [c] bool
+    n_changed = int(np.count_nonzero(changed))
+    if n_changed == 0:
+        return 0, 0, a[:0], b[:0]
+    if GATHER * n_changed < changed.size:
+        moved = np.flatnonzero(changed)  # [k]
+        check = moved[unsettled(a_bits[moved], b_bits[moved], settled)]  # [u]
+    else:
+        check = np.flatnonzero(np.logical_and(changed, unsettled(a_bits, b_bits, settled)))  # [u]
+    if check.size == 0:
+        return n_changed, n_changed, a[:0], b[:0]
+    index = torch.from_numpy(check)  # [u]
+    return n_changed, n_changed - check.size, a.index_select(0, index), b.index_select(0, index)
+
+
 def count_slice(
     a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float, settled: tuple[int, int] | None = None
 ) -> Counts:
@@ -137,24 +180,16 @@ def count_slice(
     import numpy as np
     import torch
 
+    if settled is not None:
+        n_changed, n_bits, rest_a, rest_b = settle_slice(a, b, settled)
+        n_atol, n_relative = float_rules(rest_a, rest_b, atol, rtol)
+        return Counts(0, n_changed, n_bits + n_atol, n_bits + n_relative)
     bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.dtype.itemsize]
-    a_bits, b_bits = a.view(bits).numpy(), b.view(bits).numpy()  # [c]
-    changed = np.not_equal(a_bits, b_bits)  # [c] bool
+    changed = np.not_equal(a.view(bits).numpy(), b.view(bits).numpy())  # [c] bool
     n_changed = int(np.count_nonzero(changed))
     if n_changed == 0:
         return Counts()  # equal bits are equal values: nothing beyond atol or rtol either
-    sparse = GATHER * n_changed < changed.size
-    if settled is not None:
-        if sparse:
-            moved = np.flatnonzero(changed)  # [k]
-            check = moved[unsettled(a_bits[moved], b_bits[moved], settled)]  # [u]
-        else:
-            check = np.flatnonzero(np.logical_and(changed, unsettled(a_bits, b_bits, settled)))  # [u]
-        n_bits = n_changed - check.size  # settled by their bits: counted under every rule
-        index = torch.from_numpy(check)  # [u]
-        n_atol, n_relative = float_rules(a.index_select(0, index), b.index_select(0, index), atol, rtol)
-        return Counts(0, n_changed, n_bits + n_atol, n_bits + n_relative)
-    if sparse:
+    if GATHER * n_changed < changed.size:
         index = torch.from_numpy(np.flatnonzero(changed))  # [k]
         a, b = a.index_select(0, index), b.index_select(0, index)  # [k]: all the float rules can count
     return Counts(0, n_changed, *float_rules(a, b, atol, rtol))

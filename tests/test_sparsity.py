@@ -151,6 +151,27 @@ def test_bit_rules_count_as_the_float_rules(dtype: torch.dtype, atol: float, rto
     assert count_slice(a, b, atol, rtol, settled) == count_slice(a, b, atol, rtol, None)
 
 
+@pytest.mark.parametrize("open_batch", [1 << 20, 1000])  # the float rules once per tensor, or many times
+def test_bf16_tensor_over_many_slices(monkeypatch: pytest.MonkeyPatch, open_batch: int) -> None:
+    # 3 bit-rule slices of a bf16 tensor with small and large weights: dense 1-ULP moves in the first slice,
+    # sparse ones after. The batched float rules must count as the float rules applied slice by slice.
+    import rlopt_cli.sparsity_count as kernel
+
+    monkeypatch.setattr(kernel, "OPEN_BATCH", open_batch)
+    gen = torch.Generator().manual_seed(0)
+    n = 3 * kernel.BITS_CHUNK
+    a = (torch.randn(n, generator=gen) * torch.logspace(-6, 0, n)).to(torch.bfloat16)  # |w| from ~1e-6 to ~1
+    b = a.clone()
+    moved = torch.rand(n, generator=gen) < torch.where(torch.arange(n) < kernel.BITS_CHUNK, 0.3, 0.01)
+    b.view(torch.int16)[moved] += 1
+    want = sum(
+        (count_slice(a[i : i + 4096], b[i : i + 4096], 1e-5, 1e-3) for i in range(0, n, 4096)), Counts()
+    )
+    got = kernel.count_changed(a, b, 1e-5, 1e-3)
+    assert got == Counts(n, want.bitwise, want.atol, want.relative)
+    assert 0 < got.atol < got.bitwise  # small weights moved by less than atol: the float rules had work to do
+
+
 # ---- grouping, tied weights, shards, skipped tensors -------------------------------------------------------
 
 
