@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from rlopt_cli.config import RunConfig
 from rlopt_cli.config_io import from_dict, parse_override, read_toml, set_dotted, to_dict, valid_keys
 from rlopt_cli.errors import RloptError, close_matches
@@ -317,60 +315,6 @@ def _check_unique(cells: list[Cell]) -> None:
                 f"two cells share the run name {cell.name!r}; add the differing axis to [sweep] run_name"
             )
         seen[cell.name] = cell
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the sweep folder
-
-
-def changed(sweep_dir: Path, cell: Cell) -> str:
-    """How the config in the cell's folder differs from the cell's ('' when it matches or there is none)."""
-    from rlopt_cli.runs import first_difference
-
-    config_path = sweep_dir / cell.name / "config.toml"
-    if not config_path.is_file():
-        return ""
-    try:
-        return first_difference(to_dict(from_dict(read_toml(config_path))), to_dict(cell.config))
-    except RloptError as err:
-        return f"unreadable config.toml: {err}"
-
-
-def cell_status(sweep_dir: Path, cell: Cell) -> str:
-    """new (no folder), done (summary.json), partial (resumes from its last checkpoint), or changed (an error)."""
-    run_dir = sweep_dir / cell.name
-    if not (run_dir / "config.toml").is_file():
-        return "new"
-    if changed(sweep_dir, cell):
-        return "changed"
-    return "done" if (run_dir / "summary.json").is_file() else "partial"
-
-
-def check_unchanged(sweep_dir: Path, cells: list[Cell]) -> None:
-    """Refuse to run if any cell's folder holds a different config under the same name (no silent overwrite)."""
-    for cell in cells:
-        if diff := changed(sweep_dir, cell):
-            raise RloptError(
-                f"cell {cell.name} changed since it ran ({diff}); rename the sweep, or move "
-                f"{sweep_dir / cell.name} away to rerun it"
-            )
-
-
-def claim_folder(sweep_dir: Path, sweep: Sweep) -> None:
-    """Check that sweep_dir holds this sweep (or nothing), then save the resolved sweep file in it."""
-    from rlopt_cli.checkpoint import atomic_write_text
-
-    saved = sweep_dir / SWEEP_FILE
-    if saved.is_file():
-        other = read_toml(saved).get("sweep", {}).get("name")
-        if other != sweep.settings.name:
-            raise RloptError(
-                f"{sweep_dir} holds another sweep ({other!r}, not {sweep.settings.name!r}); "
-                "choose another --out or rename the sweep"
-            )
-    check_unchanged(sweep_dir, sweep.cells)
-    header = f"# resolved sweep file of {sweep.settings.name!r}: rerun with `rlopt sweep {saved}`\n"
-    atomic_write_text(saved, header + tomli_w.dumps(sweep.resolved))
 
 
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:

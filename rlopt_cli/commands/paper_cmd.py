@@ -34,7 +34,7 @@ def paper(
     from rlopt_cli.paper_report import write_report
     from rlopt_cli.paper_tables import grid_n_params
     from rlopt_cli.report import build_report
-    from rlopt_cli.sweep import cell_status, check_unchanged, claim_folder
+    from rlopt_cli.sweep_folder import cell_status, check_unchanged, claim_folder
 
     started = time.perf_counter()
     try:

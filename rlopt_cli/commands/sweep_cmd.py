@@ -22,7 +22,8 @@ def sweep(
 ) -> None:
     """Run every unfinished cell of a sweep (finished ones are skipped, partial ones resume), then report."""
     from rlopt_cli.errors import RloptError
-    from rlopt_cli.sweep import cell_status, check_unchanged, claim_folder, load_sweep, select
+    from rlopt_cli.sweep import load_sweep, select
+    from rlopt_cli.sweep_folder import cell_status, check_unchanged, claim_folder
 
     plan = load_sweep(file)
     cells = select(plan.cells, only)
