@@ -132,6 +132,10 @@ class GRPOConfig:
     share_prompt_forward: bool = True
     """Forward each prompt once per group in the log-prob pass and repeat its KV cache over the G completions
     (same log-probs and gradients; used when micro-batches hold whole groups). Off: one forward per row."""
+    pack_max_tokens: int = 512
+    """With share_prompt_forward: a group whose prompt + G x (L-1) completion tokens fit this many is forwarded
+    as one sequence under a shared-prefix mask (one forward instead of two; attention O(tokens^2) per group, so
+    only for short groups); longer groups share the prompt through its KV cache. 0: never pack."""
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -157,6 +161,7 @@ class GRPOConfig:
         if self.epsilon_high is not None:
             _positive(self.epsilon_high, "grpo.epsilon_high", allow_zero=True)
         _positive(self.num_iterations, "grpo.num_iterations")
+        _positive(self.pack_max_tokens, "grpo.pack_max_tokens", allow_zero=True)
         _choice(self.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
         _choice(self.loss_type, LOSS_TYPES, "grpo.loss_type")
 

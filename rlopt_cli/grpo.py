@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from rlopt_cli.models import cache_argument, returned_cache
+from rlopt_cli.models import cache_argument, custom_attention_mask, returned_cache
 
 ADV_EPS = 1e-4  # as TRL and nano-aha-moment: keeps groups with tiny reward spread from exploding
 
@@ -42,18 +42,32 @@ def token_logprobs(
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
     group_size: int = 1,
+    pack_max_tokens: int = 0,
 ) -> torch.Tensor:
     """log p(completion token | prefix) under `model`, batched: [N, L].
 
     With `group_size` G > 1 the rows come in groups of G consecutive rows that share one prompt (GRPO's layout),
-    and each prompt is forwarded once: its KV cache, autograd graph included, is repeated over the group and the
-    completions are forwarded on top of it. The log-probs and gradients are those of one forward over every
-    row's P + L tokens (tested), from N/G x P + N x L tokens instead of N x (P + L).
+    and each prompt is forwarded once per group, from N/G x P + N x L tokens instead of N x (P + L):
+    - packed, when the group's P + G x (L-1) tokens fit `pack_max_tokens`: one forward per group over its prompt
+      followed by its G completions, under a shared-prefix mask (`packed_group_logits`);
+    - otherwise the prompt's KV cache, autograd graph included, is repeated over the group and the completions
+      are forwarded on top of it (`shared_prompt_logits`).
+    Both give the log-probs and gradients of one forward over every row's P + L tokens (tested).
     """
     attention = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, P+L]
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [N, P+L]: left padding shifts positions
     if group_size > 1:
-        logits = shared_prompt_logits(model, prompt_ids, completion_ids, attention, positions, group_size)
+        check_groups(prompt_ids, group_size)
+        packed_len = prompt_ids.shape[1] + group_size * (completion_ids.shape[1] - 1)
+        packed = None
+        if packed_len <= pack_max_tokens:
+            packed = packed_group_logits(model, prompt_ids, prompt_mask, completion_ids, group_size)
+        # a long group, or attention that takes no custom mask (flash): the prompt is shared through its cache
+        logits = (
+            packed
+            if packed is not None
+            else shared_prompt_logits(model, prompt_ids, completion_ids, attention, positions, group_size)
+        )
     else:
         # Only the last L+1 positions' logits: the prompt's would cost N x P x V for nothing (V is 150k for Qwen).
         out = model(
@@ -70,6 +84,13 @@ def token_logprobs(
     return logps.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, L]
 
 
+def check_groups(prompt_ids: torch.Tensor, group_size: int) -> None:
+    if len(prompt_ids) % group_size or not torch.equal(
+        prompt_ids, prompt_ids[::group_size].repeat_interleave(group_size, 0)
+    ):
+        raise ValueError(f"rows do not come in groups of {group_size} that share a prompt")
+
+
 def shared_prompt_logits(
     model: Any,
     prompt_ids: torch.Tensor,
@@ -79,11 +100,7 @@ def shared_prompt_logits(
     group_size: int,
 ) -> torch.Tensor:
     """Logits [N, L, V] predicting each completion token, each group's prompt forwarded once."""
-    n, prompt_len = prompt_ids.shape
-    if n % group_size or not torch.equal(
-        prompt_ids, prompt_ids[::group_size].repeat_interleave(group_size, 0)
-    ):
-        raise ValueError(f"rows do not come in groups of {group_size} that share a prompt")
+    prompt_len = prompt_ids.shape[1]
     first = slice(None, None, group_size)  # one row per group
     out = model(
         input_ids=prompt_ids[first],  # [N/G, P]
@@ -105,6 +122,53 @@ def shared_prompt_logits(
         )
         logits.append(rest.logits)  # [N, L-1, V]
     return torch.cat(logits, dim=1)
+
+
+def packed_group_logits(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor | None:
+    """Logits [N, L, V] predicting each completion token: one forward per group over one sequence, its prompt
+    then its G completions (minus each one's last token), where each completion attends to the prompt and to its
+    own earlier tokens only, at the positions it had after the prompt.
+
+    One forward instead of `shared_prompt_logits`' two, and no cache to repeat: fewer, larger kernels, which is
+    what short completions are bound by. The mask is dense, [N/G, 1, S, S] with S = P + G x (L-1), and attention
+    costs O(S^2) per group, so this is for groups that stay short (`grpo.pack_max_tokens`). None when the
+    model's attention takes no custom mask (`models.custom_attention_mask`).
+    """
+    n, prompt_len = prompt_ids.shape
+    groups, steps = n // group_size, completion_ids.shape[1] - 1  # steps: completion tokens that are inputs
+    device = prompt_ids.device
+    first = slice(None, None, group_size)  # one row per group
+    real = prompt_mask[first].bool()  # [N/G, P] real (not left-padding) prompt tokens
+    completions = completion_ids[:, :-1].reshape(groups, group_size * steps)  # [N/G, G(L-1)]
+    ids = torch.cat([prompt_ids[first], completions], 1)  # [N/G, S]
+    offsets = torch.arange(steps, device=device).repeat(group_size)  # [G(L-1)] index within its completion
+    after_prompt = real.sum(-1, keepdim=True) + offsets  # [N/G, G(L-1)]
+    positions = torch.cat([(real.cumsum(-1) - 1).clamp(min=0), after_prompt], 1)  # [N/G, S]
+    # which part each position belongs to: -1 the prompt, g completion g
+    completion_part = torch.arange(group_size, device=device).repeat_interleave(steps)  # [G(L-1)]
+    segment = torch.cat([torch.full((prompt_len,), -1, device=device), completion_part])  # [S]
+    index = torch.arange(len(segment), device=device)  # [S]
+    causal = index[:, None] >= index[None, :]  # [S, S] query -> key
+    own = (segment[None, :] == -1) | (segment[:, None] == segment[None, :])  # the prompt or its own part
+    key_real = torch.cat([real, real.new_ones(completions.shape)], 1)  # [N/G, S]
+    # A left-padding query sees no real key: let it see itself, so its softmax is finite (nobody reads it).
+    itself = torch.eye(len(segment), dtype=torch.bool, device=device)  # [S, S]
+    mask = custom_attention_mask(model, (causal & own & key_real[:, None, :]) | itself)  # [N/G, 1, S, S]
+    if mask is None:
+        return None
+    last_prompt = torch.tensor([prompt_len - 1], device=device)  # predicts every completion's token 0
+    keep = torch.cat([last_prompt, torch.arange(prompt_len, len(segment), device=device)])  # [1 + G(L-1)]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
+    logits = out.logits  # [N/G, 1 + G(L-1), V]
+    vocab = logits.shape[-1]
+    token0 = logits[:, :1].expand(groups, group_size, vocab).reshape(n, 1, vocab)  # [N, 1, V]
+    return torch.cat([token0, logits[:, 1:].reshape(n, steps, vocab)], 1)  # [N, L, V]
 
 
 class TokenLoss(NamedTuple):

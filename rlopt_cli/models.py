@@ -176,3 +176,23 @@ def cache_argument(model: Any) -> str:
 def returned_cache(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def custom_attention_mask(model: Any, allowed: torch.Tensor) -> torch.Tensor | None:
+    """`allowed` [B, Q, K] (query may attend key) as the 4D mask [B, 1, Q, K] that the model's attention takes
+    as given, skipping transformers' own mask building: bool for sdpa, additive for eager. None for attention
+    kernels that take padding masks only (flash attention), and where a sliding window is shorter than K (a
+    window at least K long changes nothing)."""
+    import torch
+
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    if window and allowed.shape[-1] > window:
+        return None
+    if config._attn_implementation == "sdpa":
+        return allowed[:, None]
+    if config._attn_implementation == "eager":  # eager attention adds the mask to the scores
+        dtype = model.get_input_embeddings().weight.dtype
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    return None

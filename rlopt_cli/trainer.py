@@ -184,6 +184,7 @@ def grpo_step(
                 mask[rows],
                 g.temperature,
                 group_size,
+                g.pack_max_tokens,
             )  # [b, L]
 
     def frozen_logps(m: Any) -> list[torch.Tensor]:

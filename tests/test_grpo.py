@@ -125,10 +125,15 @@ def test_token_logprobs_match_a_manual_forward() -> None:
     assert torch.allclose(got[0, :2], want0, atol=1e-5)
 
 
-@pytest.mark.parametrize("length", [1, 4])
-def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(length: int) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize(("path", "pack_max_tokens", "forwards"), [("cache", 0, 2), ("packed", 512, 1)])
+@pytest.mark.parametrize("length", [1, 2, 4])
+def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(
+    length: int, path: str, pack_max_tokens: int, forwards: int, attention: str
+) -> None:
     # Three prompts of different lengths (left padding), G = 3 completions each, some ending early (EOS, pad):
-    # forwarding each prompt once and repeating its KV cache must reproduce the per-row forward exactly.
+    # forwarding each prompt once, through a repeated KV cache or packed with its group's completions under a
+    # shared-prefix mask, must reproduce the per-row forward exactly.
     from rlopt_cli.config import ModelConfig
     from rlopt_cli.models import build_char_tokenizer, build_embedded_model
 
@@ -136,6 +141,7 @@ def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(length: int
     model = build_embedded_model(
         ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2), len(tok), tok
     )
+    model.config._attn_implementation = attention
     group = 3
     enc = tok(["1+2=", "12+34=", "7+55="], return_tensors="pt", padding=True)
     prompt_ids = enc.input_ids.repeat_interleave(group, 0)  # [9, P]
@@ -144,21 +150,58 @@ def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(length: int
     completion = torch.randint(3, len(tok), (9, length), generator=gen)  # [9, L]
     cmask = torch.ones_like(completion)
     if length > 1:
-        cmask[1, 2:] = 0  # ended early: the rest is padding
+        cmask[1, 1:] = 0  # ended early: the rest is padding
         cmask[5, 1:] = 0
+    if length > 2:
+        cmask[1, 2:] = 0
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
 
-    def run(group_size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run(group_size: int, pack: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         model.zero_grad(set_to_none=True)
-        logps = grpo.token_logprobs(model, prompt_ids, prompt_mask, completion, cmask, 0.7, group_size)
+        calls.clear()
+        logps = grpo.token_logprobs(model, prompt_ids, prompt_mask, completion, cmask, 0.7, group_size, pack)
         (logps * cmask * torch.linspace(-1, 1, 9)[:, None]).sum().backward()
         return logps.detach(), [p.grad.clone() for p in model.parameters()]
 
-    plain, plain_grads = run(1)
-    shared, shared_grads = run(group)
+    plain, plain_grads = run(1, 0)
+    shared, shared_grads = run(group, pack_max_tokens)
+    assert len(calls) == (1 if length == 1 else forwards)  # the path named was the one taken
+    assert torch.isfinite(shared).all()
     assert torch.allclose(shared * cmask, plain * cmask, atol=1e-5)
     for a, b in zip(shared_grads, plain_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
     assert max(float(g.abs().max()) for g in plain_grads) > 1e-3  # the gradients compared are not all zero
+
+
+def test_groups_longer_than_pack_max_tokens_go_through_the_cache() -> None:
+    # P + G x (L-1) = 7 + 2 x 3 = 13 tokens: packed at 13, two forwards (prompt, then completions) at 12; the
+    # same holds for a sliding window shorter than the packed group, and for flash attention (padding masks only).
+    from rlopt_cli.config import ModelConfig
+    from rlopt_cli.models import build_char_tokenizer, build_embedded_model, custom_attention_mask
+
+    tok = build_char_tokenizer()
+    model = build_embedded_model(
+        ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2), len(tok), tok
+    )
+    enc = tok(["12+34="], return_tensors="pt")  # P = 7 with [BOS]
+    prompt_ids, prompt_mask = enc.input_ids.repeat(2, 1), enc.attention_mask.repeat(2, 1)
+    completion = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def forwards(pack_max_tokens: int) -> int:
+        calls.clear()
+        ones = torch.ones_like(completion)
+        grpo.token_logprobs(model, prompt_ids, prompt_mask, completion, ones, 1.0, 2, pack_max_tokens)
+        return len(calls)
+
+    assert (forwards(13), forwards(12), forwards(0)) == (1, 2, 2)
+    model.config.sliding_window = 12
+    assert forwards(13) == 2
+    model.config.sliding_window = None
+    model.config._attn_implementation = "flash_attention_2"  # packing falls back, as with the window above
+    assert custom_attention_mask(model, torch.ones(1, 2, 2, dtype=torch.bool)) is None
 
 
 def test_shared_prompt_forward_refuses_rows_that_are_not_groups() -> None:

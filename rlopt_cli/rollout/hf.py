@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from rlopt_cli.models import cache_argument, returned_cache
+from rlopt_cli.models import cache_argument, custom_attention_mask, returned_cache
 from rlopt_cli.rollout import Rollout
 
 
@@ -79,9 +79,12 @@ def sample(
             rows, attention, positions = rows[still], attention[still], positions[still]
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
         positions = positions[:, -1:] + 1
+        # One query per row sees every real key: handing the model that 4D mask ready-made skips transformers'
+        # mask building at every token (same logits). Flash attention takes the padding mask as it is.
+        ready = custom_attention_mask(model, attention.bool()[:, None, :])  # [A, 1, 1, P+t+1]
         out = model(
             input_ids=next_tok[rows, None],
-            attention_mask=attention,
+            attention_mask=attention if ready is None else ready,
             position_ids=positions,
             use_cache=True,
             **{cache_arg: cache},
