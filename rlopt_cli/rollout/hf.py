@@ -1,7 +1,8 @@
 """Batched sampling with the live transformers model and its KV cache.
 
-One prefill over the distinct left-padded prompts, whose KV cache is repeated n times, then one batched forward
-per new token over the rows still generating; no per-sample Python loops. Sampling draws from an explicit
+One prefill over the distinct left-padded prompts, then one batched forward per new token over the distinct
+prefixes of the rows still generating (samples of one prompt that drew the same tokens so far share a row and
+its KV cache until they differ); no per-sample Python loops. Sampling draws from an explicit
 `torch.Generator` seeded per call, so a seed fixes every completion. Temperature 0 means greedy.
 """
 
@@ -40,28 +41,30 @@ def sample(
     batch = prompt_ids.shape[0]
 
     cache_arg = cache_argument(model)
-    # Prefill each distinct prompt once, then repeat its KV cache n times: n x less prefill compute.
-    unique_ids, unique_mask = enc.input_ids.to(device), enc.attention_mask.to(device)  # [N/n, P]
+    # The model forwards one row per distinct prefix, a node: first each distinct prompt (prefilled once for its n
+    # samples), then each distinct (node, sampled token) pair among the rows still generating. Rows that sampled
+    # the same tokens so far have the same inputs, so their logits are computed once; finished rows are dropped.
+    # Sampling still draws for every row (a finished row's draw is discarded), so the generator advances as it
+    # would with every row forwarded on its own, and a seed fixes the completions.
+    attention = enc.attention_mask.to(device)  # [U, P+t] per node
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [U, P]: left padding shifts positions
     out = model(
-        input_ids=unique_ids,
-        attention_mask=unique_mask,
-        position_ids=(unique_mask.cumsum(-1) - 1).clamp(min=0),  # left padding shifts positions
+        input_ids=enc.input_ids.to(device),  # [U, P]
+        attention_mask=attention,
+        position_ids=positions,
         use_cache=True,
         logits_to_keep=1,
     )
     cache = returned_cache(out)
-    cache.batch_repeat_interleave(n)
-    step_logits = out.logits[:, -1, :].repeat_interleave(n, 0)  # [N, V]
-    # The model forwards only the rows still generating: `rows` maps them back to the batch. Sampling still
-    # draws for every row (a finished row's draw is discarded), so the generator advances as with all rows.
-    rows = torch.arange(batch, device=device)  # [A]
-    attention = prompt_mask  # [A, P+t]
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [A, P]
-    logits = torch.zeros(batch, step_logits.shape[-1], device=device)  # [N, V]; finished rows keep their last
+    step_logits = out.logits[:, -1, :]  # [U, V]
+    vocab = step_logits.shape[-1]
+    node = torch.arange(len(prompts), device=device).repeat_interleave(n)  # [N] each row's node
+    logits = torch.zeros(batch, vocab, device=device)  # [N, V]; finished rows keep their last
     tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)  # [N, L]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [N]
     for t in range(max_new_tokens):
-        logits[rows] = step_logits.float()
+        live = ~finished  # [N]
+        logits[live] = step_logits[node[live]].float()
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
             next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
@@ -73,24 +76,26 @@ def sample(
         if finished.all() or t == max_new_tokens - 1:
             tokens = tokens[:, : t + 1]
             break
-        still = (~finished[rows]).nonzero().squeeze(1)  # [A'] positions among the forwarded rows
-        if still.numel() < rows.numel():  # drop the rows that just finished, from the cache too
-            cache.batch_select_indices(still)
-            rows, attention, positions = rows[still], attention[still], positions[still]
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
-        positions = positions[:, -1:] + 1
-        # One query per row sees every real key: handing the model that 4D mask ready-made skips transformers'
+        live = ~finished
+        # the next nodes: distinct (node, token) pairs of the live rows, each extending its parent's cache
+        pairs, node_of_live = torch.unique(node[live] * vocab + next_tok[live], return_inverse=True)  # [U']
+        parent = pairs // vocab  # [U']
+        node[live] = node_of_live
+        cache.batch_select_indices(parent)
+        attention = torch.cat([attention[parent], torch.ones_like(attention[parent, :1])], dim=-1)
+        positions = positions[parent, -1:] + 1  # [U', 1]
+        # One query per node sees every real key: handing the model that 4D mask ready-made skips transformers'
         # mask building at every token (same logits). Flash attention takes the padding mask as it is.
-        ready = custom_attention_mask(model, attention.bool()[:, None, :])  # [A, 1, 1, P+t+1]
+        ready = custom_attention_mask(model, attention.bool()[:, None, :])  # [U', 1, 1, P+t+1]
         out = model(
-            input_ids=next_tok[rows, None],
+            input_ids=(pairs % vocab)[:, None],  # [U', 1]
             attention_mask=attention if ready is None else ready,
             position_ids=positions,
             use_cache=True,
             **{cache_arg: cache},
         )
         cache = returned_cache(out)
-        step_logits = out.logits[:, -1, :]  # [A, V]
+        step_logits = out.logits[:, -1, :]  # [U', V]
     mask = completion_mask(tokens, eos)
     texts = tokenizer.batch_decode(tokens.masked_fill(tokens == eos, pad), skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, tokens, mask, truncated=~finished, texts=texts)
