@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -33,7 +35,9 @@ def test_greedy_decoding_of_left_padded_prompts_matches_generate(attention: str)
         assert torch.equal(ours.completion_ids[2 * i], ours.completion_ids[2 * i + 1])  # greedy: both samples
 
 
-def reference_sample(model, tok, prompts, n, max_new_tokens, generator):  # type: ignore[no-untyped-def]
+def reference_sample(
+    model: Any, tok: Any, prompts: list[str], n: int, max_new_tokens: int, generator: torch.Generator
+) -> torch.Tensor:
     """The sampler with nothing shared: every row's whole prefix forwarded at every step, no cache."""
     enc = tok(prompts, return_tensors="pt", padding=True)
     ids, attention = enc.input_ids.repeat_interleave(n, 0), enc.attention_mask.repeat_interleave(n, 0)
