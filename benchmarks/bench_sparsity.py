@@ -3,6 +3,8 @@
 The pair is Llama-shaped (an embedding and an untied lm_head, the largest tensors, then layers of q/k/v/o and
 gate/up/down projections and norms) and written to a temporary folder that is removed afterwards. B is A with
 1-ULP changes: tensors alternate between 10% changed (AdamW-like, the dense path) and 0.01% (SGD-like).
+`--dtype fp32` writes a float32 pair instead (master weights, as `train.save_dtype = "float32"` saves them),
+where every changed coordinate takes the float rules; its verdict lines end in `_fp32`.
 
 Two measurements, each in a fresh process, alternating over `--rounds` (the best time of each is kept, because
 other processes share the CPU):
@@ -31,6 +33,7 @@ from benchmarks.common import emit, peak_rss_bytes, run_worker, verdict
 TARGET_RATIO = 0.5
 RSS_SLACK = 64 << 20  # slices of the scan (a few 4 MB fp32 temporaries) and allocator slack
 GB = 1e9
+DTYPES = {"bf16": ("bfloat16", "int16"), "fp32": ("float32", "int32")}  # storage dtype, its same-width int
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch threads in both measurements (0: torch's default; see above).",
     )
     p.add_argument("--dir", default=None, help="Where to write the pair (default: the system temp folder).")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="The pair's dtype (default bf16).")
     # worker mode (internal): one measurement, one JSON line
     p.add_argument("--worker", choices=("write", "read", "scan"), help=argparse.SUPPRESS)
     p.add_argument("--files", nargs=2, help=argparse.SUPPRESS)
@@ -59,13 +63,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # the synthetic pair
 
 
-def shapes(size_bytes: float) -> list[tuple[str, tuple[int, ...]]]:
-    """Llama-shaped tensors totalling about `size_bytes` in bf16; the embedding and lm_head are the largest."""
+def shapes(size_bytes: float, item: int = 2) -> list[tuple[str, tuple[int, ...]]]:
+    """Llama-shaped tensors of `item` bytes per element totalling about `size_bytes`; the embedding and lm_head
+    are the largest."""
     h = 512 if size_bytes < 0.3 * GB else 2048  # hidden size; the MLP is 4h wide, the vocabulary 16h
     vocab = 16 * h
     out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, h))]
-    per_layer = 2 * (4 * h * h + 3 * 4 * h * h + 2 * h)  # bytes of one block in bf16
-    layers = max(1, round((size_bytes - 2 * 2 * vocab * h) / per_layer))
+    per_layer = item * (4 * h * h + 3 * 4 * h * h + 2 * h)  # bytes of one block
+    layers = max(1, round((size_bytes - 2 * item * vocab * h) / per_layer))
     for i in range(layers):
         pre = f"model.layers.{i}."
         out += [(f"{pre}self_attn.{p}_proj.weight", (h, h)) for p in "qkvo"]
@@ -75,21 +80,22 @@ def shapes(size_bytes: float) -> list[tuple[str, tuple[int, ...]]]:
     return out + [("model.norm.weight", (h,)), ("lm_head.weight", (vocab, h))]
 
 
-def write_pair(file_a: Path, file_b: Path, size_bytes: float) -> int:
+def write_pair(file_a: Path, file_b: Path, size_bytes: float, dtype_name: str = "bf16") -> int:
     """Write A and B (B = A with 1-ULP moves); returns the largest tensor's bytes."""
     import torch
     from safetensors.torch import save_file
 
+    dtype, as_int = (getattr(torch, name) for name in DTYPES[dtype_name])
     gen = torch.Generator().manual_seed(0)
+    item = torch.empty(0, dtype=dtype).element_size()
     a = {
-        name: (0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
-        for name, shape in shapes(size_bytes)
+        name: (0.02 * torch.randn(shape, generator=gen)).to(dtype) for name, shape in shapes(size_bytes, item)
     }
     save_file(a, str(file_a))
     for i, t in enumerate(a.values()):  # B in place, tensor by tensor, to hold one copy in memory
         frac = 0.1 if i % 2 == 0 else 1e-4
         moved = torch.rand(t.shape, generator=gen) < frac
-        t.view(torch.int16)[moved] += 1  # one bf16 ULP
+        t.view(as_int)[moved] += 1  # one ULP
     save_file(a, str(file_b))
     return max(t.numel() * t.element_size() for t in a.values())
 
@@ -163,7 +169,7 @@ def run_measurement(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
     if args.worker == "write":
-        emit({"largest": write_pair(Path(args.files[0]), Path(args.files[1]), args.size_gb * GB)})
+        emit({"largest": write_pair(Path(args.files[0]), Path(args.files[1]), args.size_gb * GB, args.dtype)})
         return []
     if args.worker:
         emit(run_measurement(args))
@@ -180,10 +186,10 @@ def main(argv: list[str] | None = None) -> list[str]:
         files = [str(tmp / "A.safetensors"), str(tmp / "B.safetensors")]
         largest = run_worker(
             "benchmarks.bench_sparsity",
-            ["--worker", "write", "--size-gb", str(args.size_gb), "--files", *files],
+            ["--worker", "write", "--size-gb", str(args.size_gb), "--dtype", args.dtype, "--files", *files],
         )["largest"]
         total = sum(Path(f).stat().st_size for f in files)
-        print(f"pair: 2 x {total / 2 / GB:.2f} GB bf16, largest tensor {mib(largest)}", flush=True)
+        print(f"pair: 2 x {total / 2 / GB:.2f} GB {args.dtype}, largest tensor {mib(largest)}", flush=True)
         runs: dict[str, list[dict[str, Any]]] = {"read": [], "scan": []}
         for _ in range(args.rounds):
             for side in runs:
@@ -194,14 +200,14 @@ def main(argv: list[str] | None = None) -> list[str]:
                 print(f"  {side}: {r['seconds']:.2f} s, {rss}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return report(runs, largest)
+    return report(runs, largest, "" if args.dtype == "bf16" else f"_{args.dtype}")
 
 
 def mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.0f} MiB"
 
 
-def report(runs: dict[str, list[dict[str, Any]]], largest: int) -> list[str]:
+def report(runs: dict[str, list[dict[str, Any]]], largest: int, suffix: str = "") -> list[str]:
     best = {side: min(r["seconds"] for r in rs) for side, rs in runs.items()}
     speed = {side: runs[side][0]["bytes"] / best[side] / GB for side in runs}
     for side in runs:
@@ -217,13 +223,13 @@ def report(runs: dict[str, list[dict[str, Any]]], largest: int) -> list[str]:
     ratio = speed["scan"] / speed["read"]
     return [
         verdict(
-            "sparsity_throughput_ratio",
+            f"sparsity_throughput_ratio{suffix}",
             f"{ratio:.2f} (scan {speed['scan']:.2f} GB/s / read {speed['read']:.2f} GB/s)",
             f"target >= {TARGET_RATIO}",
             ratio >= TARGET_RATIO,
         ),
         verdict(
-            "sparsity_peak_rss",
+            f"sparsity_peak_rss{suffix}",
             f"{over / 2**20:.0f} MiB over imports = {over / largest:.2f}x the largest tensor ({mib(largest)})",
             "target < 2x largest tensor + overhead",
             over < 2 * largest + RSS_SLACK,

@@ -10,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import bench_grpo_vs_trl as grpo_bench
 from benchmarks import bench_optimizer_memory as memory_bench
+from benchmarks import bench_sparsity
 from benchmarks.common import RESULT_LINE, verdict
 
 
@@ -83,3 +85,18 @@ def test_grpo_benchmark_trl_side_and_report(cold_model: Path, tmp_path: Path) ->
         "grpo_speedup_vs_trl",
         "grpo_cpu_speedup_vs_trl",
     ]
+
+
+@pytest.mark.parametrize(("dtype", "as_int"), [("bf16", torch.int16), ("fp32", torch.int32)])
+def test_sparsity_benchmark_pair_moves_one_ulp(tmp_path: Path, dtype: str, as_int: torch.dtype) -> None:
+    from safetensors.torch import load_file
+
+    a_file, b_file = tmp_path / "A.safetensors", tmp_path / "B.safetensors"
+    largest = bench_sparsity.write_pair(a_file, b_file, 4e6, dtype)
+    a, b = load_file(a_file), load_file(b_file)
+    assert largest == max(t.numel() * t.element_size() for t in a.values())
+    embed = "model.embed_tokens.weight"  # tensor 0: about 10% of its coordinates moved
+    assert a[embed].dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    steps = b[embed].view(as_int).long() - a[embed].view(as_int).long()
+    assert set(steps.unique().tolist()) == {0, 1}  # one ULP or nothing
+    assert 0.09 < float((steps == 1).float().mean()) < 0.11
