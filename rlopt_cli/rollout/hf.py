@@ -81,9 +81,11 @@ def sample(
         pairs, node_of_live = torch.unique(node[live] * vocab + next_tok[live], return_inverse=True)  # [U']
         parent = pairs // vocab  # [U']
         node[live] = node_of_live
-        cache.batch_select_indices(parent)
-        attention = torch.cat([attention[parent], torch.ones_like(attention[parent, :1])], dim=-1)
-        positions = positions[parent, -1:] + 1  # [U', 1]
+        if not torch.equal(parent, torch.arange(len(attention), device=device)):  # a node split or finished
+            cache.batch_select_indices(parent)  # copies the cache: skipped while every node just extends
+            attention, positions = attention[parent], positions[parent]
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
+        positions = positions[:, -1:] + 1  # [U', 1]
         # One query per node sees every real key: handing the model that 4D mask ready-made skips transformers'
         # mask building at every token (same logits). Flash attention takes the padding mask as it is.
         ready = custom_attention_mask(model, attention.bool()[:, None, :])  # [U', 1, 1, P+t+1]
