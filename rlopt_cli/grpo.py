@@ -59,15 +59,11 @@ def token_logprobs(
     if group_size > 1:
         check_groups(prompt_ids, group_size)
         packed_len = prompt_ids.shape[1] + group_size * (completion_ids.shape[1] - 1)
-        packed = None
+        logits = None
         if packed_len <= pack_max_tokens:
-            packed = packed_group_logits(model, prompt_ids, prompt_mask, completion_ids, group_size)
-        # a long group, or attention that takes no custom mask (flash): the prompt is shared through its cache
-        logits = (
-            packed
-            if packed is not None
-            else shared_prompt_logits(model, prompt_ids, completion_ids, attention, positions, group_size)
-        )
+            logits = packed_group_logits(model, prompt_ids, prompt_mask, completion_ids, group_size)
+        if logits is None:  # a long group, or attention that takes no custom mask (flash): share the cache
+            logits = shared_prompt_logits(model, prompt_ids, completion_ids, attention, positions, group_size)
     else:
         # Only the last L+1 positions' logits: the prompt's would cost N x P x V for nothing (V is 150k for Qwen).
         out = model(

@@ -8,20 +8,23 @@ import pytest
 import torch
 
 
+def tiny_model(init_seed: int) -> tuple[Any, Any]:
+    """A random 2-layer embedded model in eval mode, and its tokenizer."""
+    from rlopt_cli.config import ModelConfig
+    from rlopt_cli.models import build_char_tokenizer, build_embedded_model
+
+    tok = build_char_tokenizer()
+    config = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, init_seed=init_seed)
+    return build_embedded_model(config, len(tok), tok).eval(), tok
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_greedy_decoding_of_left_padded_prompts_matches_generate(attention: str) -> None:
     # Prompts of three lengths (left padding up to 3 tokens), a random model so that completions run to the
     # length limit: our prefill-once, finished-rows-dropped, ready-4D-mask decoding must give generate's tokens.
-    from rlopt_cli.config import ModelConfig
-    from rlopt_cli.models import build_char_tokenizer, build_embedded_model
     from rlopt_cli.rollout.hf import HFBackend
 
-    tok = build_char_tokenizer()
-    model = build_embedded_model(
-        ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, init_seed=3),
-        len(tok),
-        tok,
-    ).eval()
+    model, tok = tiny_model(init_seed=3)
     model.config._attn_implementation = attention
     prompts = ["1+2=", "12+34=", "7+55=", "9+9="]
     enc = tok(prompts, return_tensors="pt", padding=True)
@@ -62,16 +65,9 @@ def reference_sample(
 def test_sampling_with_shared_prefixes_draws_what_unshared_sampling_draws() -> None:
     # A sharp policy (weights scaled up) so that samples of one prompt often agree on their first tokens and share
     # a prefix node, then split; some finish early. Same seed: the same tokens as the sampler that shares nothing.
-    from rlopt_cli.config import ModelConfig
-    from rlopt_cli.models import build_char_tokenizer, build_embedded_model
     from rlopt_cli.rollout.hf import sample
 
-    tok = build_char_tokenizer()
-    model = build_embedded_model(
-        ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, init_seed=5),
-        len(tok),
-        tok,
-    ).eval()
+    model, tok = tiny_model(init_seed=5)
     with torch.no_grad():
         model.lm_head.weight.mul_(6.0)
         model.lm_head.weight[tok.eos_token_id] += 0.3  # some rows end early
