@@ -54,7 +54,8 @@ sweep: $(VENV)/.installed
 paper: $(VENV)/.installed
 	$(BIN)/rlopt paper
 
-# Benchmarks (issue 7): rlopt vs TRL, optimizer memory, sparsity scan, demo/test wall time; see benchmarks/README.md.
+# Benchmarks: rlopt vs TRL, optimizer memory, sparsity scan, demo/test wall time, CPU-kernel pinning's cost;
+# see benchmarks/README.md.
 # TRL is a benchmark-only extra, installed on top of the dev tools. `make bench BENCH_ARGS=--quick` is the smoke run.
 $(VENV)/.bench: $(VENV)/.dev
 	$(PIP) install -q -e ".[bench]"
@@ -63,8 +64,13 @@ $(VENV)/.bench: $(VENV)/.dev
 bench: $(VENV)/.bench
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
+# The suite runs on AVX2-pinned kernels (tests/conftest.py), so it passes or fails alike on every x86-64 CPU.
+# Then the tests marked `trajectory` run again on the CPU's own kernels and on the baseline set: their assertions
+# must hold on any trajectory, not only on the pinned one.
 test: lint
 	$(BIN)/pytest -q
+	RLOPT_TEST_CPU_ISA=native $(BIN)/pytest -q -m trajectory
+	RLOPT_TEST_CPU_ISA=baseline $(BIN)/pytest -q -m trajectory
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff format --check rlopt_cli tests benchmarks

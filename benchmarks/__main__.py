@@ -16,7 +16,13 @@ import time
 from benchmarks.common import REPO, RESULT_LINE
 
 # run in this order: the fast, most-watched ones first; sparsity is written by its own module when present
-BENCHMARKS = ["bench_grpo_vs_trl", "bench_optimizer_memory", "bench_sparsity", "bench_walltime"]
+BENCHMARKS = [
+    "bench_grpo_vs_trl",
+    "bench_optimizer_memory",
+    "bench_sparsity",
+    "bench_walltime",
+    "bench_cpu_isa",
+]
 
 
 def run_one(name: str, args: list[str]) -> tuple[list[str], int, float]:

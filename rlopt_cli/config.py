@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlopt_cli.cpu_kernels import CPU_ISAS
 from rlopt_cli.errors import RloptError, close_matches
 from rlopt_cli.optimizers import OPTIMIZERS, check_optimizer_args
 
@@ -252,6 +253,9 @@ class TrainConfig:
     """auto (cuda if available), cpu, or cuda[:N]."""
     run_name: str = ""
     """Folder name under the output dir; empty = derived from task, objective, optimizer, lr and seed."""
+    cpu_isa: str = "avx2"
+    """CPU kernels' instruction set (rlopt_cli/cpu_kernels.py): avx2 gives the same numbers on every x86-64 CPU
+    with AVX2, with or without AVX-512; avx512, baseline, or native (torch picks, numbers vary by CPU)."""
 
     def __post_init__(self) -> None:
         _choice(self.objective, OBJECTIVES, "train.objective")
@@ -260,6 +264,7 @@ class TrainConfig:
         _positive(self.checkpoint_every, "train.checkpoint_every", allow_zero=True)
         _choice(self.precision, PRECISIONS, "train.precision")
         _choice(self.save_dtype, SAVE_DTYPES, "train.save_dtype")
+        _choice(self.cpu_isa, CPU_ISAS, "train.cpu_isa")
 
 
 @dataclass(frozen=True)

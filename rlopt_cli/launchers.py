@@ -43,19 +43,28 @@ def run_cell(job: Job) -> dict[str, Any]:
     """Worker entry point (module level, so every launcher can pickle it by reference)."""
     import json
 
+    from rlopt_cli.config_io import from_dict
+    from rlopt_cli.cpu_kernels import pin
+
+    cfg = from_dict(job.config)
+    note = pin(
+        cfg.train.cpu_isa
+    )  # before this worker's first torch import (Ray and SLURM workers start bare)
+
     import torch
 
-    from rlopt_cli.config_io import from_dict
     from rlopt_cli.trainer import train
 
     torch.set_num_threads(max(1, job.threads))  # N cells on N cores: one thread each, not N x N
-    cfg = from_dict(job.config)
     log = Path(job.out_dir) / "logs" / f"{job.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
 
     def say(message: str) -> None:  # workers write to a log file, so the sweep's live display stays readable
         with log.open("a") as f:
             f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
+    if note:
+        say(note)
 
     run_dir = train(cfg, job.out_dir, say)
     return json.loads((run_dir / "summary.json").read_text())

@@ -28,6 +28,11 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def log_if_positive(values: list[float]) -> str:
+    """A log axis needs a positive value; a run whose weights never moved has none (then a linear axis)."""
+    return "log" if any(v > 0 for v in values) else "linear"
+
+
 def per_layer(fractions: dict[str, dict[str, float]], path: Path) -> Series:
     """Changed fraction (bf16 bitwise) per layer index, one line per optimizer (paper Fig. 3)."""
     fig, (ax,) = _figure()
@@ -36,7 +41,9 @@ def per_layer(fractions: dict[str, dict[str, float]], path: Path) -> Series:
         ax.plot(range(len(layers)), [100 * by_layer[k] for k in layers], marker="o", label=label)
         ax.set_xticks(range(len(layers)), layers)
     ax.set(
-        xlabel="layer (none = embeddings, final norm, lm_head)", ylabel="parameters changed (%)", yscale="log"
+        xlabel="layer (none = embeddings, final norm, lm_head)",
+        ylabel="parameters changed (%)",
+        yscale=log_if_positive([v for by_layer in fractions.values() for v in by_layer.values()]),
     )
     ax.legend()
     _save(fig, path)
@@ -87,8 +94,14 @@ def scale_trend(rows: list[dict[str, Any]], path: Path) -> Series:
         series[opt] = pts
         axes[0].plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=opt)
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=opt)
-    axes[0].set(xscale="log", yscale="log", xlabel="parameters", ylabel="changed in bf16 (%)")
-    axes[1].set(xscale="log", yscale="log", xlabel="parameters", ylabel="median |dw| / ulp_bf16(w0)")
+    changed = [r["changed_bf16"] for r in rows]
+    steps = [r["median_step_ulp"] for r in rows]
+    axes[0].set(
+        xscale="log", yscale=log_if_positive(changed), xlabel="parameters", ylabel="changed in bf16 (%)"
+    )
+    axes[1].set(
+        xscale="log", yscale=log_if_positive(steps), xlabel="parameters", ylabel="median |dw| / ulp_bf16(w0)"
+    )
     for ax in axes:
         ax.legend()
     _save(fig, path)

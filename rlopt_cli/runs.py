@@ -92,8 +92,11 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def write_meta(run_dir: Path, cfg: RunConfig, device: str, **extra: Any) -> dict[str, Any]:
-    """meta.json: what it takes to reproduce and audit the run; later sessions of a resumed run are appended."""
+def write_meta(
+    run_dir: Path, cfg: RunConfig, device: str, kernels: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """meta.json: what it takes to reproduce and audit the run; later sessions of a resumed run are appended.
+    `kernels` is the CPU kernels' record (cpu_kernels.check): a resumed session may run on another CPU."""
     path = run_dir / "meta.json"
     meta = read_json(path)
     session = {
@@ -102,6 +105,7 @@ def write_meta(run_dir: Path, cfg: RunConfig, device: str, **extra: Any) -> dict
         "host": platform.node(),
         "git_sha": git_sha(),
         "versions": package_versions(),
+        "cpu_kernels": kernels or {},
     }
     meta.setdefault("sessions", []).append(session)
     meta.update({"seed": cfg.train.seed, "run_name": cfg.run_name, **extra})

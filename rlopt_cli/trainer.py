@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rlopt_cli import grpo, sft
+from rlopt_cli import cpu_kernels, grpo, sft
 from rlopt_cli.checkpoint import atomic_write_json, load_trainer_state, save_checkpoint, step_dir
 from rlopt_cli.config import RunConfig
 from rlopt_cli.config_io import to_dict, to_toml
@@ -48,6 +48,9 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
         return run_dir
 
     device = resolve_device(cfg.train.device)
+    kernels, note = cpu_kernels.check(cfg.train.cpu_isa)
+    if note and device.type == "cpu":
+        say(note)
     torch.manual_seed(cfg.train.seed)
     task = build_task(cfg.task)
     model, tokenizer = load_policy(cfg, device, say)
@@ -76,6 +79,7 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
         n_params=parameter_count(model),
         torch_dtype="float32",
         save_dtype=cfg.train.save_dtype,
+        kernels=kernels,
     )
     sink: Sink = NullSink()
     if cfg.log.wandb:

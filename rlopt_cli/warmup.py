@@ -45,6 +45,7 @@ def warmup_config(cfg: RunConfig) -> RunConfig:
             save_dtype=cfg.train.save_dtype,
             device=cfg.train.device,
             run_name="warmup",
+            cpu_isa=cfg.train.cpu_isa,
         ),
         rollout=dataclasses.replace(cfg.rollout, backend="hf"),
         log=LogConfig(progress=cfg.log.progress),
@@ -57,6 +58,10 @@ def warm_key(cfg: RunConfig) -> str:
     # Only what shapes the warm weights: not logging, rollout or probe settings, nor the device.
     full = to_dict(warmup_config(cfg))
     train = {k: v for k, v in full["train"].items() if k not in ("device", "run_name")}
+    if cfg.train.cpu_isa == "native":  # the CPU's own kernels shape the weights: one cache per kernel set
+        import torch  # heavy: only here, where a run has loaded it anyway
+
+        train["cpu_isa"] = f"native-{torch.backends.cpu.get_cpu_capability()}"
     shaping = {k: full[k] for k in ("model", "task", "sft", "optimizer")}
     blob = json.dumps({"format": WARMUP_FORMAT, **shaping, "train": train}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

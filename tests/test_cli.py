@@ -119,6 +119,7 @@ def test_train_then_eval(tmp_path: Path, tiny_overrides: list[str]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.trajectory
 def test_demo_compares_sgd_and_adamw(
     tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,5 +1,10 @@
 """A tiny end-to-end run of the real trainer: run-folder files, metric keys, changed parameters, a checkpoint
-that transformers loads, exact resume, and seeded determinism."""
+that transformers loads, exact resume, and seeded determinism.
+
+Every assertion here must hold on any trajectory (`make test` reruns these tests on other CPU kernels): a test
+that needs a learning signal forces one (`forced_rewards`: every group's rewards vary by construction) instead
+of hoping the sampled completions score unevenly.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ from safetensors.torch import load_file
 from rlopt_cli import trainer
 from rlopt_cli.config_io import load_config
 from rlopt_cli.tracking import read_metrics
+from tests.conftest import first_of_each
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.trajectory]
 
 CHECKPOINT_FILES = {
     "config.json",
@@ -57,7 +63,10 @@ def deterministic(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "mem/"))} for r in rows]
 
 
-def test_run_folder_metrics_and_checkpoints(tmp_path: Path, tiny_overrides: list[str]) -> None:
+def test_run_folder_metrics_and_checkpoints(
+    tmp_path: Path, tiny_overrides: list[str], forced_rewards
+) -> None:
+    forced_rewards(first_of_each(4))  # every step has a gradient, so every parameter must move
     cfg = tiny(tiny_overrides, "optimizer.name='adamw'", "optimizer.lr=1e-3")
     run = trainer.train(cfg, tmp_path, quiet)
     assert run == tmp_path / "arithmetic__grpo__adamw__lr0.001__s0"
@@ -128,8 +137,11 @@ def test_rerunning_a_finished_run_does_nothing(tmp_path: Path, tiny_overrides: l
 
 
 def test_resume_does_exactly_the_remaining_steps(
-    tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch, forced_rewards
 ) -> None:
+    forced_rewards(
+        first_of_each(4)
+    )  # real updates at every step, so the resumed state has something to match
     cfg = tiny(tiny_overrides, "optimizer.name='adamw'", "optimizer.lr=1e-3")
     straight = trainer.train(cfg, tmp_path / "a", quiet)
 
@@ -161,7 +173,12 @@ def test_resume_does_exactly_the_remaining_steps(
     assert deterministic(read_metrics(straight)) == deterministic(read_metrics(resumed))
 
 
-def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path, tiny_overrides: list[str]) -> None:
+def test_same_seed_same_metrics_other_seed_differs(
+    tmp_path: Path, tiny_overrides: list[str], forced_rewards
+) -> None:
+    forced_rewards(
+        first_of_each(4)
+    )  # a gradient every step: the other seed's samples must give other updates
     first = trainer.train(tiny(tiny_overrides), tmp_path / "a", quiet)
     second = trainer.train(tiny(tiny_overrides), tmp_path / "b", quiet)
     other = trainer.train(tiny(tiny_overrides, "train.seed=1"), tmp_path / "c", quiet)
@@ -182,12 +199,18 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path, tiny_override
     ],
     ids=["kl-iterations-micro", "sft-rmsprop", "masking-bf16"],
 )
-def test_other_modes_run(tmp_path: Path, tiny_overrides: list[str], extra: tuple[str, ...]) -> None:
+def test_other_modes_run(
+    tmp_path: Path, tiny_overrides: list[str], extra: tuple[str, ...], forced_rewards
+) -> None:
+    forced_rewards(first_of_each(4))  # GRPO steps carry a gradient by construction
     run = trainer.train(tiny(tiny_overrides, "train.steps=2", *extra), tmp_path, quiet)
     rows = read_metrics(run)
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows[1:])
+    assert all(r["train/grad_norm"] > 0 for r in rows[1:])
     if "grpo.beta=0.04" in extra:
-        assert rows[2]["train/kl"] > 0  # the policy moved away from the reference on the 2nd step
+        # step 1's first update starts at the reference; its second (num_iterations = 2) and step 2's see the
+        # policy that the forced gradient moved away from it
+        assert rows[1]["train/kl"] > 0 and rows[2]["train/kl"] > 0
 
 
 def test_wandb_offline_holds_history_and_config(tmp_path: Path, tiny_overrides: list[str]) -> None:
@@ -205,7 +228,10 @@ def test_wandb_offline_holds_history_and_config(tmp_path: Path, tiny_overrides: 
     assert config["optimizer"]["name"] == "sgd" and config["grpo"]["num_generations"] == 4
 
 
-def test_probe_reads_moments_without_changing_the_run(tmp_path: Path, tiny_overrides: list[str]) -> None:
+def test_probe_reads_moments_without_changing_the_run(
+    tmp_path: Path, tiny_overrides: list[str], forced_rewards
+) -> None:
+    forced_rewards(first_of_each(4))  # gradients at steps 1-3: AdamW's moments hold a history by step 3
     adamw = ("optimizer.name='adamw'", "optimizer.lr=1e-3")
     plain = trainer.train(tiny(tiny_overrides, *adamw), tmp_path / "a", quiet)
     probed = trainer.train(tiny(tiny_overrides, *adamw, "probe.steps=[1, 3]"), tmp_path / "b", quiet)
@@ -240,21 +266,32 @@ def test_warm_model_is_built_once_per_key(tiny_overrides: list[str]) -> None:
     assert summary["objective"] == "sft" and summary["optimizer"] == "adamw" and summary["steps"] == 100
 
 
-@pytest.mark.parametrize("lr", [0.005, 0.05], ids=["some-groups-skipped", "collapses-then-all-skipped"])
+# G = 2, rows 0-7 in groups of two. Half of the groups score (1, 0) and half (0, 0), so half are skipped at every
+# step; in the second case every group scores alike after the first step, so every later step is all-skipped.
+HALF_SKIPPED = lambda call, row: float(row % 4 == 0)  # noqa: E731
+ALL_SKIPPED_AFTER_ONE = lambda call, row: float(call == 1 and row % 4 == 0)  # noqa: E731
+
+
+@pytest.mark.parametrize(
+    ("pattern", "all_skipped_steps"),
+    [(HALF_SKIPPED, 0), (ALL_SKIPPED_AFTER_ONE, 3)],
+    ids=["some-groups-skipped", "all-skipped-after-one"],
+)
 def test_skipping_and_sharing_do_not_change_the_run(
-    tmp_path: Path, tiny_overrides: list[str], lr: float
+    tmp_path: Path, tiny_overrides: list[str], forced_rewards, pattern, all_skipped_steps: int
 ) -> None:
     # Zero-advantage groups skipped and prompts forwarded once per group, against every row forwarded on its
     # own: the same updates, with micro-batches and bnpo's per-micro-batch normaliser. SGD with momentum is
-    # linear in the gradient, and its state must still advance on a step where every group was skipped (at
-    # lr 0.05 the policy collapses after one step and every later group scores alike). G = 2: many groups do.
-    extra = ("optimizer.name='sgd'", "optimizer.momentum=0.9", f"optimizer.lr={lr}", "grpo.num_generations=2")
+    # linear in the gradient, and its state must still advance on a step where every group was skipped.
+    forced_rewards(pattern)
+    extra = ("optimizer.name='sgd'", "optimizer.momentum=0.9", "optimizer.lr=0.05", "grpo.num_generations=2")
     extra += ("grpo.micro_batch_size=4", "grpo.loss_type='bnpo'")
     fast = trainer.train(tiny(tiny_overrides, *extra), tmp_path / "fast", quiet)
     off = ("grpo.skip_zero_advantage=false", "grpo.share_prompt_forward=false")
     full = trainer.train(tiny(tiny_overrides, *extra, *off), tmp_path / "full", quiet)
     fast_rows, full_rows = read_metrics(fast)[1:], read_metrics(full)[1:]
-    assert sum(r["train/skipped_frac"] for r in fast_rows) > 0  # some groups were skipped
+    assert fast_rows[0]["train/skipped_frac"] == 0.5
+    assert sum(r["train/skipped_frac"] == 1.0 for r in fast_rows) == all_skipped_steps
     assert all(r["train/skipped_frac"] == 0 for r in full_rows)
     for a, b in zip(fast_rows, full_rows, strict=True):
         assert a["train/reward_mean"] == b["train/reward_mean"]
@@ -264,3 +301,6 @@ def test_skipping_and_sharing_do_not_change_the_run(
     b = load_file(full / "checkpoints/step-000004/trainer_state.safetensors")
     masters = [k for k in a if k.startswith("master.")]
     assert masters and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in masters)
+    # momentum kept moving the weights through the all-skipped steps
+    c = load_file(fast / "checkpoints/step-000002/trainer_state.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in masters)

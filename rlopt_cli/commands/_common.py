@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import typer
 
+from rlopt_cli.cpu_kernels import pin
 from rlopt_cli.errors import RloptError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,3 +43,9 @@ def console() -> Any:
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def pin_cpu_kernels(isa: str) -> None:
+    """Pin torch's CPU kernels (train.cpu_isa) before torch loads; says so in one line where it cannot."""
+    if note := pin(isa):
+        say(note)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from rlopt_cli.commands._common import console, friendly_errors, say
+from rlopt_cli.commands._common import console, friendly_errors, pin_cpu_kernels, say
 
 SGD_LR = 0.003
 ADAMW_LR = 3e-5
@@ -30,13 +30,22 @@ def demo(
 ) -> None:
     """GRPO on the embedded task with SGD and AdamW from one warm model; prints the comparison."""
     from rlopt_cli.config_io import load_config
-    from rlopt_cli.trainer import train
 
     started = time.perf_counter()
+    configs = [
+        load_config(
+            None,
+            overrides,
+            {"optimizer.name": name, "optimizer.lr": lr, "train.steps": steps, "train.seed": seed},
+        )
+        for name, lr in (("sgd", sgd_lr), ("adamw", adamw_lr))
+    ]
+    pin_cpu_kernels(configs[0].train.cpu_isa)  # --set applies to both runs: one setting
+
+    from rlopt_cli.trainer import train
+
     runs = []
-    for name, lr in (("sgd", sgd_lr), ("adamw", adamw_lr)):
-        flags = {"optimizer.name": name, "optimizer.lr": lr, "train.steps": steps, "train.seed": seed}
-        cfg = load_config(None, overrides, flags)
+    for cfg in configs:
         run_dir = train(cfg, out, say)
         runs.append(json.loads((run_dir / "summary.json").read_text()))
     console().print(comparison_table(runs))

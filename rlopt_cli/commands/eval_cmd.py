@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from rlopt_cli.commands._common import friendly_errors
+from rlopt_cli.commands._common import friendly_errors, pin_cpu_kernels
 
 
 @friendly_errors
@@ -39,6 +39,7 @@ def eval_checkpoint(
     for item in overrides:
         set_dotted(data, *parse_override(item))
     cfg = from_dict(data)
+    pin_cpu_kernels(cfg.train.cpu_isa)
 
     import torch
 

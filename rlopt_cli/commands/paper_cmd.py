@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from rlopt_cli.commands._common import friendly_errors, say
+from rlopt_cli.commands._common import friendly_errors, pin_cpu_kernels, say
 
 
 @friendly_errors
@@ -43,6 +43,7 @@ def paper(
     except ValueError:
         raise RloptError("--probe-steps and --widths take comma-separated integers, e.g. 10,50") from None
     grid = study.grid_sweep(recipe, quick, overrides)
+    pin_cpu_kernels(grid.cells[0].config.train.cpu_isa)  # before the report or memory stages load torch
     if quick:
         sizes, steps = sorted(sizes)[:2], steps[:1]
     paper_dir = out / grid.settings.name

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from rlopt_cli.commands._common import console, friendly_errors, say
+from rlopt_cli.commands._common import console, friendly_errors, pin_cpu_kernels, say
 
 
 @friendly_errors
@@ -38,6 +38,9 @@ def sweep(
     if not cells:
         raise RloptError(f"--only {' '.join(only)} matches no cell of {file}")
     claim_folder(sweep_dir, plan)
+    pin_cpu_kernels(
+        cells[0].config.train.cpu_isa
+    )  # workers inherit it; each also pins its own cell's setting
     todo = [c for c in cells if statuses[c.name] != "done"]
     name = launcher or plan.settings.launcher
     n_workers = workers or plan.settings.workers

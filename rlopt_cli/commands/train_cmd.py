@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from rlopt_cli.commands._common import friendly_errors, say
+from rlopt_cli.commands._common import friendly_errors, pin_cpu_kernels, say
 
 
 @friendly_errors
@@ -35,6 +35,7 @@ def train(
         "log.wandb": wandb,
     }
     cfg = load_config(recipe, overrides, flags)
+    pin_cpu_kernels(cfg.train.cpu_isa)
 
     import json
 
