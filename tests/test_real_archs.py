@@ -10,6 +10,7 @@ SFT and the transformers sampler are checked under gradient checkpointing too.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -96,7 +97,7 @@ def test_every_route_matches_a_plain_per_row_forward(arch: str, route: str, chec
             )
 
 
-@pytest.mark.parametrize("route", ["cache", "packed"])
+@pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_bf16_autocast_routes_with_checkpointing(arch: str, route: str) -> None:
     # Under bf16 autocast, checkpointing replays the same bf16 ops: its numbers are those without it. Against
@@ -123,7 +124,7 @@ def test_reentrant_checkpointing_is_refused_rather_than_losing_gradients() -> No
     from rlopt_cli.errors import RloptError
 
     model = tiny_model("llama")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(RloptError, match="reentrant"):
         grpo.token_logprobs(model, *group_batch(model.config.vocab_size), 1.0, GROUP, 0)
 
@@ -141,7 +142,7 @@ def test_sft_loss_is_the_same_with_checkpointing(arch: str) -> None:
         model.zero_grad(set_to_none=True)
         loss = sft_loss(model, batch)
         loss.backward()
-        return float(loss), [p.grad.clone() for p in model.parameters()]
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
 
     want, want_grads = loss_and_grads()
     calls = enable_checkpointing(model)
@@ -170,3 +171,65 @@ def test_generation_keeps_the_kv_cache_under_checkpointing(arch: str) -> None:
     assert got.completion_ids.tolist() == want.completion_ids.tolist()
     assert in_train_mode.completion_ids.tolist() == want.completion_ids.tolist()
     assert want.completion_ids.shape[1] == 12  # a random model rarely stops: every decode step ran
+
+
+RUNS = {  # name -> overrides; every run must train exactly as the first
+    "plain": ["model.gradient_checkpointing=false", "grpo.pack_max_tokens=0"],
+    "cache": ["grpo.pack_max_tokens=0"],
+    "packed": ["grpo.pack_max_tokens=4096"],
+    "per_row": ["grpo.share_prompt_forward=false"],
+}
+
+
+def test_training_is_the_same_with_checkpointing_on_every_route(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GRPO on a local tiny Llama folder (GQA, tied embeddings: the SmolLM2 architecture) with a chat
+    # template, micro-batches, beta > 0 and num_iterations = 2, so the policy, old and reference log-probs all
+    # run: with checkpointing on, each route trains as the plain run does (same losses, KL, gradient norms, weights).
+    from safetensors.torch import load_file
+
+    from rlopt_cli.checkpoint import step_dir
+    from rlopt_cli.config_io import load_config
+    from rlopt_cli.tracking import read_metrics
+    from rlopt_cli.trainer import train
+    from tests.tiny_hf import reward_spread, save_tiny_model
+
+    reward_spread(monkeypatch)
+    folder = save_tiny_model(tmp_path / "tiny-llama", "llama")
+    base = [
+        f"model.name_or_path={folder}",
+        "model.gradient_checkpointing=true",
+        "task.digits=1",
+        "task.n_eval=4",
+        "grpo.num_generations=4",
+        "grpo.batch_size=8",
+        "grpo.micro_batch_size=4",
+        "grpo.max_completion_length=8",
+        "grpo.beta=0.01",
+        "grpo.num_iterations=2",
+        "grpo.temperature=1.0",
+        "optimizer.name=sgd",  # AdamW would amplify rounding noise in coordinates whose gradient is ~0
+        "optimizer.lr=0.05",
+        "train.steps=2",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.device=cpu",
+        "log.progress=false",
+    ]
+    runs = {}
+    for name, overrides in RUNS.items():
+        run_dir = train(
+            load_config(None, base + overrides + [f"train.run_name={name}"]), tmp_path, say=lambda *_: None
+        )
+        weights = load_file(str(step_dir(run_dir, 2) / "trainer_state.safetensors"))
+        runs[name] = (read_metrics(run_dir)[1:], weights)
+    plain_rows, plain_weights = runs.pop("plain")
+    assert all(r["train/grad_norm"] > 0 for r in plain_rows) and plain_rows[1]["train/kl"] > 0
+    for name, (rows, weights) in runs.items():
+        for key in ("train/loss", "train/kl", "train/grad_norm", "train/reward_mean"):
+            assert [r[key] for r in rows] == pytest.approx(
+                [r[key] for r in plain_rows], rel=1e-4, abs=1e-7
+            ), (name, key)
+        for key, tensor in plain_weights.items():
+            assert torch.allclose(weights[key], tensor, atol=1e-6), (name, key)

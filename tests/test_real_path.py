@@ -4,7 +4,6 @@ is) that transformers and rlopt load back."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -66,7 +65,7 @@ def test_paper_recipe_trains_with_its_own_flags(
     from rlopt_cli import grpo
     from rlopt_cli import trainer as trainer_module
     from rlopt_cli.tracking import read_metrics
-    from tests.tiny_hf import save_tiny_model
+    from tests.tiny_hf import reward_spread, save_tiny_model
 
     path = REPO / "recipes/paper" / recipe
     written = load_config(path, [])
@@ -97,15 +96,7 @@ def test_paper_recipe_trains_with_its_own_flags(
     assert cfg.model.gradient_checkpointing and cfg.grpo.beta > 0 and cfg.train.precision == "bf16-autocast"
     assert cfg.grpo.micro_batch_size < cfg.grpo.batch_size and cfg.task.chat_template
 
-    # A random model never answers right: the real verifier, or-ed with a length-parity reward, gives the groups
-    # a reward spread, so the surrogate carries a gradient.
-    build_real_task = trainer_module.build_task
-
-    def build_task(task_cfg: Any) -> Any:
-        task = build_real_task(task_cfg)
-        return dataclasses.replace(task, verify=lambda c, e: max(task.verify(c, e), float(len(c) % 2)))
-
-    monkeypatch.setattr(trainer_module, "build_task", build_task)
+    reward_spread(monkeypatch)
     calls: list[str] = []  # what ran: the two log-prob routes, and each checkpointed layer call
 
     def counted(name: str, f: Any) -> Any:

@@ -88,3 +88,19 @@ def save_tiny_model(folder: Path, arch: str, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def reward_spread(monkeypatch: Any) -> None:
+    """A random model never answers right, so every group's rewards tie and GRPO has no gradient. Or-ing the
+    task's verifier with a length-parity reward gives groups a spread (the real verifier still runs)."""
+    import dataclasses
+
+    from rlopt_cli import trainer
+
+    build_real_task = trainer.build_task
+
+    def build_task(task_cfg: Any) -> Any:
+        task = build_real_task(task_cfg)
+        return dataclasses.replace(task, verify=lambda c, e: max(task.verify(c, e), float(len(c) % 2)))
+
+    monkeypatch.setattr(trainer, "build_task", build_task)
