@@ -72,6 +72,7 @@ def token_logprobs(
             input_ids=torch.cat([prompt_ids, completion_ids], dim=1),  # [N, P+L]
             attention_mask=attention,
             position_ids=positions,
+            use_cache=False,  # one pass: a cache would only hold references (and make checkpointing warn)
             logits_to_keep=completion_ids.shape[1] + 1,
         )
         logits = out.logits[:, :-1, :]  # [N, L, V] predicts each completion token
@@ -170,7 +171,9 @@ def packed_group_logits(
         return None
     last_prompt = torch.tensor([prompt_len - 1], device=device)  # predicts every completion's token 0
     keep = torch.cat([last_prompt, torch.arange(prompt_len, len(segment), device=device)])  # [1 + G(L-1)]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep
+    )
     logits = out.logits  # [N/G, 1 + G(L-1), V]
     vocab = logits.shape[-1]
     token0 = logits[:, :1].expand(groups, group_size, vocab).reshape(n, 1, vocab)  # [N, 1, V]
