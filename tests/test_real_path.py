@@ -51,6 +51,7 @@ def test_gsm8k_grpo_runs_end_to_end(tmp_path: Path, tiny_overrides: list[str]) -
     assert summary["task"] == "gsm8k" and summary["steps"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes/paper").glob("*.toml")))
 def test_paper_recipe_trains_with_its_own_flags(
     recipe: str, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
