@@ -32,7 +32,7 @@ from rlopt_cli.errors import RloptError
 
 
 class RecordOnceLayer(DynamicLayer):
-    """One layer's prompt keys/values [B, H_kv, P, D], kept from the first `update`."""
+    """One layer's prompt keys/values [N/G, H_kv, P, D], kept from the first `update`."""
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -98,10 +98,14 @@ def cache_kept_under_checkpointing(model: Any) -> Iterator[None]:
     The flag is read when a layer's forward starts, so the backward replay after the block needs nothing more."""
     flag = "_can_checkpoint_with_cache"
     layers = [m for m in model.modules() if hasattr(type(m), flag)]
+    before = [vars(layer).get(flag) for layer in layers]  # None: the class's value, no instance attribute
     for layer in layers:
         setattr(layer, flag, True)  # an instance attribute over the class's False
     try:
         yield
     finally:
-        for layer in layers:
-            vars(layer).pop(flag, None)
+        for layer, value in zip(layers, before, strict=True):
+            if value is None:
+                vars(layer).pop(flag, None)
+            else:
+                setattr(layer, flag, value)
