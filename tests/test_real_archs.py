@@ -81,6 +81,7 @@ def test_every_route_matches_a_plain_per_row_forward(arch: str, route: str, chec
     assert len(calls) == (
         2 * len(forwards) if checkpointing else 0
     )  # every layer of every forward checkpointed
+    assert not any("_can_checkpoint_with_cache" in vars(m) for m in model.modules())  # flag restored
     assert torch.allclose(got, want, atol=1e-5)
     for name, a, b in zip([n for n, _ in model.named_parameters()], grads, want_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), name
