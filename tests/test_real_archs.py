@@ -70,17 +70,14 @@ def logps_and_grads(
 def test_every_route_matches_a_plain_per_row_forward(arch: str, route: str, checkpointing: bool) -> None:
     model = tiny_model(arch)
     batch = group_batch(model.config.vocab_size)
-    want, want_grads = logps_and_grads(
-        model, batch, "per_row"
-    )  # plain: no checkpointing, one forward per row
+    want, want_grads = logps_and_grads(model, batch, "per_row")  # plain: no checkpointing, a forward per row
     calls = enable_checkpointing(model) if checkpointing else []
     forwards: list[int] = []
     model.register_forward_pre_hook(lambda *_: forwards.append(1))
     got, grads = logps_and_grads(model, batch, route)
     assert len(forwards) == {"per_row": 1, "cache": 2, "packed": 1}[route]  # the route named was taken
-    assert len(calls) == (
-        2 * len(forwards) if checkpointing else 0
-    )  # every layer of every forward checkpointed
+    layers_checkpointed = 2 if checkpointing else 0  # both layers, in every forward
+    assert len(calls) == layers_checkpointed * len(forwards)
     assert not any("_can_checkpoint_with_cache" in vars(m) for m in model.modules())  # flag restored
     assert torch.allclose(got, want, atol=1e-5)
     for name, a, b in zip([n for n, _ in model.named_parameters()], grads, want_grads, strict=True):
@@ -91,11 +88,12 @@ def test_every_route_matches_a_plain_per_row_forward(arch: str, route: str, chec
     # a frozen eval copy): nothing is checkpointed and the route still gives the same numbers.
     group_size, pack = ROUTES[route]
     ref = copy.deepcopy(model).eval().requires_grad_(False)
+    checkpointed_before = len(calls)
     with torch.no_grad():
         for m in (model, ref):
-            assert torch.allclose(
-                grpo.token_logprobs(m, *batch, 0.7, group_size, pack) * batch[3], want, atol=1e-5
-            )
+            logps = grpo.token_logprobs(m, *batch, 0.7, group_size, pack)  # [N, L]
+            assert torch.allclose(logps * batch[3], want, atol=1e-5)
+    assert len(calls) == checkpointed_before
 
 
 @pytest.mark.parametrize("route", list(ROUTES))
