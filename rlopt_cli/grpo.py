@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from rlopt_cli.models import cache_argument, custom_attention_mask, returned_cache
+from rlopt_cli.models import cache_argument, custom_attention_mask
+from rlopt_cli.prompt_cache import SharedPrompt, cache_kept_under_checkpointing
 
 ADV_EPS = 1e-4  # as TRL and nano-aha-moment: keeps groups with tiny reward spread from exploding
 
@@ -52,7 +53,8 @@ def token_logprobs(
       followed by its G completions, under a shared-prefix mask (`packed_group_logits`);
     - otherwise the prompt's KV cache, autograd graph included, is repeated over the group and the completions
       are forwarded on top of it (`shared_prompt_logits`).
-    Both give the log-probs and gradients of one forward over every row's P + L tokens (tested).
+    Every route gives the log-probs and gradients of one forward over every row's P + L tokens, with gradient
+    checkpointing on or off (tested on tiny Llama, Qwen2 and Qwen3 models in tests/test_real_archs.py).
     """
     attention = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, P+L]
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [N, P+L]: left padding shifts positions
@@ -70,6 +72,7 @@ def token_logprobs(
             input_ids=torch.cat([prompt_ids, completion_ids], dim=1),  # [N, P+L]
             attention_mask=attention,
             position_ids=positions,
+            use_cache=False,  # one pass: a cache would only hold references (and make checkpointing warn)
             logits_to_keep=completion_ids.shape[1] + 1,
         )
         logits = out.logits[:, :-1, :]  # [N, L, V] predicts each completion token
@@ -95,28 +98,36 @@ def shared_prompt_logits(
     positions: torch.Tensor,
     group_size: int,
 ) -> torch.Tensor:
-    """Logits [N, L, V] predicting each completion token, each group's prompt forwarded once."""
+    """Logits [N, L, V] predicting each completion token, each group's prompt forwarded once.
+
+    The prompt's keys/values, autograd graph included, go into our own caches (`rlopt_cli/prompt_cache.py`),
+    which read the same on a checkpoint replay: so this route is exact with gradient checkpointing on too, and
+    keeps checkpointing's memory saving in both passes (transformers' own cache is switched off there).
+    """
     prompt_len = prompt_ids.shape[1]
     first = slice(None, None, group_size)  # one row per group
-    out = model(
-        input_ids=prompt_ids[first],  # [N/G, P]
-        attention_mask=attention[first, :prompt_len],
-        position_ids=positions[first, :prompt_len],
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    logits = [out.logits.repeat_interleave(group_size, 0)]  # [N, 1, V]: predicts completion token 0
-    if completion_ids.shape[1] > 1:
-        cache = returned_cache(out)
-        cache.batch_repeat_interleave(group_size)  # [N/G, ...] -> [N, ...]; differentiable
-        rest = model(
-            input_ids=completion_ids[:, :-1],  # [N, L-1]: each predicts the next completion token
-            attention_mask=attention[:, :-1],  # [N, P+L-1]: the cached prompt and the completion so far
-            position_ids=positions[:, prompt_len:-1],
-            use_cache=True,
-            **{cache_argument(model): cache},
+    shared = SharedPrompt(model)
+    cache_arg = cache_argument(model)
+    with cache_kept_under_checkpointing(model):
+        out = model(
+            input_ids=prompt_ids[first],  # [N/G, P]
+            attention_mask=attention[first, :prompt_len],
+            position_ids=positions[first, :prompt_len],
+            use_cache=False,  # we pass our cache; True would only make checkpointing warn that it turns it off
+            logits_to_keep=1,
+            **{cache_arg: shared.prompt_cache},  # records each layer's prompt keys/values
         )
-        logits.append(rest.logits)  # [N, L-1, V]
+        logits = [out.logits.repeat_interleave(group_size, 0)]  # [N, 1, V]: predicts completion token 0
+        if completion_ids.shape[1] > 1:
+            prefix = shared.completion_cache(group_size, out.logits.requires_grad)  # [N, ...] keys/values
+            rest = model(
+                input_ids=completion_ids[:, :-1],  # [N, L-1]: each predicts the next completion token
+                attention_mask=attention[:, :-1],  # [N, P+L-1]: the cached prompt and the completion so far
+                position_ids=positions[:, prompt_len:-1],
+                use_cache=False,
+                **{cache_arg: prefix},
+            )
+            logits.append(rest.logits)  # [N, L-1, V]
     return torch.cat(logits, dim=1)
 
 
@@ -160,7 +171,9 @@ def packed_group_logits(
         return None
     last_prompt = torch.tensor([prompt_len - 1], device=device)  # predicts every completion's token 0
     keep = torch.cat([last_prompt, torch.arange(prompt_len, len(segment), device=device)])  # [1 + G(L-1)]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep
+    )
     logits = out.logits  # [N/G, 1 + G(L-1), V]
     vocab = logits.shape[-1]
     token0 = logits[:, :1].expand(groups, group_size, vocab).reshape(n, 1, vocab)  # [N, 1, V]

@@ -136,8 +136,20 @@ def load_policy(cfg: Any, device: torch.device, say: Any = print) -> tuple[Any, 
 
         model, tokenizer = load_pretrained(ensure_warm_model(cfg, say), device)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     return model, tokenizer
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them. Non-reentrant, as
+    transformers defaults to, said here because it matters: the KV-cache route of `grpo.token_logprobs` hands the
+    prompt's keys/values out of a checkpointed layer through its cache, and only non-reentrant checkpointing builds
+    their autograd graph (the reentrant kind runs the layer under no_grad; `prompt_cache` refuses that)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_template: bool) -> list[str]:

@@ -1,9 +1,11 @@
-"""The real-model path on CPU: GRPO on GSM8K files through `trainer.train`, and sharded safetensors checkpoints
-(what a real model's checkpoint is) that transformers and rlopt load back."""
+"""The real-model path on CPU: GRPO on GSM8K files through `trainer.train`, every paper recipe with its own flags
+on a tiny random model of its architecture, and sharded safetensors checkpoints (what a real model's checkpoint
+is) that transformers and rlopt load back."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,9 @@ from rlopt_cli.config_io import load_config
 from rlopt_cli.models import build_char_tokenizer, build_embedded_model, load_pretrained
 
 FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+# each paper recipe's model -> the tiny random stand-in of its architecture (tests/tiny_hf.py)
+RECIPE_ARCHS = {"models/Qwen2.5-0.5B-Instruct": "qwen2", "models/Qwen3-1.7B": "qwen3"}
 
 
 @pytest.mark.slow
@@ -44,6 +49,77 @@ def test_gsm8k_grpo_runs_end_to_end(tmp_path: Path, tiny_overrides: list[str]) -
     assert all(r["train/completion_len"] > 0 for r in rows[1:])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["task"] == "gsm8k" and summary["steps"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes/paper").glob("*.toml")))
+def test_paper_recipe_trains_with_its_own_flags(
+    recipe: str, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The recipe as written (gradient checkpointing, micro-batches, beta > 0, dapo, bf16 autocast, chat template),
+    # except what a CPU test must change: a tiny random model of the recipe's architecture in a local folder,
+    # the fixture data, the hf backend on CPU, 2 steps of 8 completions of up to 100 tokens. That is the issue's
+    # crash: P + G x (L-1) > pack_max_tokens = 512, so each group shares its prompt through the KV cache.
+    pytest.importorskip("datasets")
+    import transformers.modeling_utils
+
+    from rlopt_cli import grpo
+    from rlopt_cli import trainer as trainer_module
+    from rlopt_cli.tracking import read_metrics
+    from tests.tiny_hf import reward_spread, save_tiny_model
+
+    path = REPO / "recipes/paper" / recipe
+    written = load_config(path, [])
+    arch = RECIPE_ARCHS[written.model.name_or_path]  # a recipe on a new model needs its stand-in here
+    if written.task.name == "math":
+        pytest.importorskip("math_verify")
+    folder = tmp_path_factory.getbasetemp() / f"tiny-{arch}"
+    if not folder.exists():
+        save_tiny_model(folder, arch)
+    cfg = load_config(
+        path,
+        [
+            f"model.name_or_path={folder}",
+            f"task.train_file={FIXTURES / f'{written.task.name}_train.jsonl'}",
+            f"task.eval_file={FIXTURES / f'{written.task.name}_test.jsonl'}",
+            "task.n_eval=4",
+            "grpo.batch_size=8",
+            "grpo.micro_batch_size=4",  # two micro-batches of one whole group each
+            "grpo.max_completion_length=100",
+            "train.steps=2",
+            "train.device=cpu",
+            "rollout.backend=hf",
+            "rollout.vllm_sleep_mode=false",
+            "log.wandb=false",
+            "log.progress=false",
+        ],
+    )
+    assert cfg.model.gradient_checkpointing and cfg.grpo.beta > 0 and cfg.train.precision == "bf16-autocast"
+    assert cfg.grpo.micro_batch_size < cfg.grpo.batch_size and cfg.task.chat_template
+
+    reward_spread(monkeypatch)
+    calls: list[str] = []  # what ran: the two log-prob routes, and each checkpointed layer call
+
+    def counted(name: str, f: Any) -> Any:
+        return lambda *a, **k: (calls.append(name), f(*a, **k))[1]
+
+    for route in ("shared_prompt_logits", "packed_group_logits"):
+        monkeypatch.setattr(grpo, route, counted(route, getattr(grpo, route)))
+    # rlopt enables checkpointing with functools.partial(transformers.modeling_utils.checkpoint, ...)
+    checkpoint = counted("checkpoint", transformers.modeling_utils.checkpoint)
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", checkpoint)
+
+    run_dir = trainer_module.train(cfg, tmp_path_factory.mktemp("runs"), say=lambda *_: None)
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    # 2 steps x 2 micro-batches x (policy, reference): all through the KV-cache route, with checkpointed layers
+    assert [c for c in calls if c != "checkpoint"] == ["shared_prompt_logits"] * 8
+    assert calls.count("checkpoint") == 2 * 2 * 2 * 2  # steps x micro-batches x forwards per route x layers
+    assert all(r["train/completion_len"] > 50 for r in rows[1:])  # random models rarely stop: long groups
+    assert all(math.isfinite(r["train/loss"]) and r["train/grad_norm"] > 0 for r in rows[1:])
+    assert rows[1]["train/kl"] == 0 and rows[2]["train/kl"] > 0  # the policy left the reference after step 1
+    assert rows[2]["sparsity/bitwise_frac"] > 0  # the weights moved
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
 
 
 def test_sharded_checkpoint_has_an_index_and_loads(tmp_path: Path) -> None:
