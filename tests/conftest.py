@@ -83,19 +83,21 @@ def first_of_each(group: int) -> Pattern:
     return lambda call, row: float(row % group == 0)
 
 
-@pytest.fixture
-def forced_rewards(monkeypatch: pytest.MonkeyPatch) -> Callable[[Pattern], None]:
-    """`forced_rewards(pattern)`: every task the trainer builds from now on scores its rollouts by `pattern`."""
+def force_rewards(monkeypatch: pytest.MonkeyPatch, pattern: Pattern) -> None:
+    """Every task the trainer builds from now on scores its training rollouts by `pattern`."""
     from rlopt_cli import trainer
 
-    def force(pattern: Pattern) -> None:
-        real = trainer.build_task
+    real = trainer.build_task
 
-        def build(cfg: object) -> Task:
-            task = real(cfg)  # type: ignore[arg-type]
-            fields = {f.name: getattr(task, f.name) for f in dataclasses.fields(Task)}
-            return ForcedTask(**fields, pattern=pattern)
+    def build(cfg: object) -> Task:
+        task = real(cfg)  # type: ignore[arg-type]
+        fields = {f.name: getattr(task, f.name) for f in dataclasses.fields(Task)}
+        return ForcedTask(**fields, pattern=pattern)
 
-        monkeypatch.setattr(trainer, "build_task", build)
+    monkeypatch.setattr(trainer, "build_task", build)
 
-    return force
+
+@pytest.fixture
+def forced_rewards(monkeypatch: pytest.MonkeyPatch) -> Callable[[Pattern], None]:
+    """`forced_rewards(pattern)`: see `force_rewards`."""
+    return lambda pattern: force_rewards(monkeypatch, pattern)

@@ -181,6 +181,7 @@ RUNS = {  # name -> overrides; every run must train exactly as the first
 
 
 @pytest.mark.slow
+@pytest.mark.trajectory
 def test_training_is_the_same_with_checkpointing_on_every_route(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -90,17 +90,10 @@ def save_tiny_model(folder: Path, arch: str, seed: int = 0) -> Path:
     return folder
 
 
-def reward_spread(monkeypatch: Any) -> None:
-    """A random model never answers right, so every group's rewards tie and GRPO has no gradient. Or-ing the
-    task's verifier with a length-parity reward gives groups a spread (the real verifier still runs)."""
-    import dataclasses
+def reward_spread(monkeypatch: Any, group: int = 4) -> None:
+    """A random model never answers right, so every group's rewards tie and GRPO has no gradient. Forced rewards
+    (tests/conftest.py: the first completion of each group scores 1) give every group a spread by construction;
+    eval keeps the real verifier."""
+    from tests.conftest import first_of_each, force_rewards
 
-    from rlopt_cli import trainer
-
-    build_real_task = trainer.build_task
-
-    def build_task(task_cfg: Any) -> Any:
-        task = build_real_task(task_cfg)
-        return dataclasses.replace(task, verify=lambda c, e: max(task.verify(c, e), float(len(c) % 2)))
-
-    monkeypatch.setattr(trainer, "build_task", build_task)
+    force_rewards(monkeypatch, first_of_each(group))
