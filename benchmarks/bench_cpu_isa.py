@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import REPO, verdict
-from rlopt_cli.cpu_kernels import cpu_flags
+from rlopt_cli.runtime.cpu_kernels import cpu_flags
 
 # Pinning may cost this much on a CPU where native is wider than avx2 (measured and explained in the README).
 MAX_RATIO = 1.10

@@ -81,17 +81,18 @@ def prepare_model(folder: Path, cold: bool) -> Path:
     """Save the embedded model (warm or random) and its tokenizer as one fp32 folder both sides load."""
     import torch
 
-    from rlopt_cli.config_io import load_config
-    from rlopt_cli.models import build_char_tokenizer, build_embedded_model, load_pretrained
+    from rlopt_cli.config.recipes import load_config
+    from rlopt_cli.models.loading import build_char_tokenizer, build_embedded_model, load_pretrained
 
     cfg = load_config()
     if cold:
         tokenizer = build_char_tokenizer()
         model = build_embedded_model(cfg.model, len(tokenizer), tokenizer)
     else:
-        from rlopt_cli.warmup import ensure_warm_model
+        from rlopt_cli.training.loop import train
+        from rlopt_cli.training.warmup import ensure_warm_model
 
-        model, tokenizer = load_pretrained(ensure_warm_model(cfg), torch.device("cpu"))
+        model, tokenizer = load_pretrained(ensure_warm_model(cfg, train), torch.device("cpu"))
     model.float().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -99,9 +100,9 @@ def prepare_model(folder: Path, cold: bool) -> Path:
 
 def step_examples(total_steps: int) -> list[Any]:
     """The prompts rlopt draws for steps 1..total_steps with train.seed 0, in order."""
-    from rlopt_cli.config_io import load_config
+    from rlopt_cli.config.recipes import load_config
     from rlopt_cli.tasks import build_task
-    from rlopt_cli.trainer import pick_examples
+    from rlopt_cli.training.loop import pick_examples
 
     task = build_task(load_config().task)
     return [e for s in range(1, total_steps + 1) for e in pick_examples(task.train, PROMPTS_PER_STEP, s, 0)]
@@ -112,9 +113,9 @@ def step_examples(total_steps: int) -> list[Any]:
 
 
 def run_rlopt(args: argparse.Namespace) -> dict[str, Any]:
-    from rlopt_cli import trainer
-    from rlopt_cli.config_io import load_config
-    from rlopt_cli.tracking import read_metrics
+    from rlopt_cli.config.recipes import load_config
+    from rlopt_cli.training import loop as trainer
+    from rlopt_cli.training.tracking import read_metrics
 
     total = args.warmup + args.steps
     flags = {
@@ -169,7 +170,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlopt_cli.optimizers import build_optimizer
+    from rlopt_cli.algo.optimizers import build_optimizer
     from rlopt_cli.tasks import Example
     from rlopt_cli.tasks.arithmetic import verify
 

@@ -21,7 +21,7 @@ import statistics
 from typing import Any
 
 from benchmarks.common import emit, run_worker, verdict
-from rlopt_cli.memory import BATCH, SEQ, SIZES, STEP_OPTIMIZERS, one_step
+from rlopt_cli.training.memory import BATCH, SEQ, SIZES, STEP_OPTIMIZERS, one_step
 
 TARGET_RATIO = 0.9
 OPTIMIZERS = STEP_OPTIMIZERS

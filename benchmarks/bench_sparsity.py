@@ -138,7 +138,7 @@ def run_measurement(args: argparse.Namespace) -> dict[str, Any]:
     import safetensors.torch  # noqa: F401
     import torch
 
-    from rlopt_cli.sparsity import sparsity
+    from rlopt_cli.sparsity.compare import sparsity
 
     torch.set_grad_enabled(False)
     if args.threads:

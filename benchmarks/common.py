@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlopt_cli.memory import peak_rss_bytes  # noqa: F401 (VmHWM: a spawned worker's own peak)
+from rlopt_cli.runtime.devices import peak_rss_bytes  # noqa: F401 (VmHWM: a spawned worker's own peak)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT_LINE = re.compile(r"^(?P<name>[\w./-]+): (?P<measured>.+), (?P<target>.+), (?P<verdict>PASS|MISS)$")

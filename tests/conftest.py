@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlopt_cli import cpu_kernels
+from rlopt_cli.runtime import cpu_kernels
 from rlopt_cli.tasks import Example, Task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def first_of_each(group: int) -> Pattern:
 
 def force_rewards(monkeypatch: pytest.MonkeyPatch, pattern: Pattern) -> None:
     """Every task the trainer builds from now on scores its training rollouts by `pattern`."""
-    from rlopt_cli import trainer
+    from rlopt_cli.training import loop as trainer
 
     real = trainer.build_task
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rlopt_cli.config import RunConfig
-from rlopt_cli.config_io import from_dict, load_config, parse_override, to_dict, to_toml
+from rlopt_cli.config.recipes import from_dict, load_config, parse_override, to_dict, to_toml
+from rlopt_cli.config.schema import RunConfig
 from rlopt_cli.errors import RloptError
 
 REPO = Path(__file__).resolve().parents[1]

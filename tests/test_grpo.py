@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlopt_cli import grpo
+from rlopt_cli.algo import grpo
 
 
 def test_group_advantages_group_scaling() -> None:
@@ -101,8 +101,8 @@ def test_micro_batches_add_up(loss_type: str, expected: float) -> None:
 
 
 def test_token_logprobs_match_a_manual_forward() -> None:
-    from rlopt_cli.config import ModelConfig
-    from rlopt_cli.models import build_char_tokenizer, build_embedded_model
+    from rlopt_cli.config.schema import ModelConfig
+    from rlopt_cli.models.loading import build_char_tokenizer, build_embedded_model
 
     tok = build_char_tokenizer()
     model = build_embedded_model(
@@ -134,8 +134,8 @@ def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(
     # Three prompts of different lengths (left padding), G = 3 completions each, some ending early (EOS, pad):
     # forwarding each prompt once, through a repeated KV cache or packed with its group's completions under a
     # shared-prefix mask, must reproduce the per-row forward exactly.
-    from rlopt_cli.config import ModelConfig
-    from rlopt_cli.models import build_char_tokenizer, build_embedded_model
+    from rlopt_cli.config.schema import ModelConfig
+    from rlopt_cli.models.loading import build_char_tokenizer, build_embedded_model
 
     tok = build_char_tokenizer()
     model = build_embedded_model(
@@ -177,8 +177,8 @@ def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(
 def test_groups_longer_than_pack_max_tokens_go_through_the_cache() -> None:
     # P + G x (L-1) = 7 + 2 x 3 = 13 tokens: packed at 13, two forwards (prompt, then completions) at 12; the
     # same holds for a sliding window shorter than the packed group, and for flash attention (padding masks only).
-    from rlopt_cli.config import ModelConfig
-    from rlopt_cli.models import build_char_tokenizer, build_embedded_model, custom_attention_mask
+    from rlopt_cli.config.schema import ModelConfig
+    from rlopt_cli.models.loading import build_char_tokenizer, build_embedded_model, custom_attention_mask
 
     tok = build_char_tokenizer()
     model = build_embedded_model(
@@ -205,8 +205,8 @@ def test_groups_longer_than_pack_max_tokens_go_through_the_cache() -> None:
 
 
 def test_shared_prompt_forward_refuses_rows_that_are_not_groups() -> None:
-    from rlopt_cli.config import ModelConfig
-    from rlopt_cli.models import build_char_tokenizer, build_embedded_model
+    from rlopt_cli.config.schema import ModelConfig
+    from rlopt_cli.models.loading import build_char_tokenizer, build_embedded_model
 
     tok = build_char_tokenizer()
     model = build_embedded_model(

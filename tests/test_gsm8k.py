@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlopt_cli.config import TaskConfig
+from rlopt_cli.config.schema import TaskConfig
 from rlopt_cli.errors import RloptError
 from rlopt_cli.tasks import Example, build_task
 from rlopt_cli.tasks.gsm8k import PROMPT_SUFFIX, extract_answer, make_verifier

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlopt_cli.config import TaskConfig
+from rlopt_cli.config.schema import TaskConfig
 from rlopt_cli.errors import RloptError
 from rlopt_cli.tasks import Example, build_task
 from rlopt_cli.tasks.math import PROMPT_SUFFIX, Grader, last_boxed, with_timeout

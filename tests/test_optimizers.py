@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlopt_cli.optimizers import build_optimizer, expected_state_bytes_per_param, resolved_args, state_bytes
+from rlopt_cli.algo.optimizers import build_optimizer, state_bytes
+from rlopt_cli.config.optimizers import expected_state_bytes_per_param, resolved_args
 
 
 def one_step(name: str, args: dict) -> tuple[dict[str, int], int]:

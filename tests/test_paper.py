@@ -9,9 +9,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rlopt_cli import paper
 from rlopt_cli.cli import app
-from rlopt_cli.paper_analysis import at_matched_norm, compare_means, verdict_clearly_below, verdict_not_below
+from rlopt_cli.study import paper
+from rlopt_cli.study.paper_analysis import (
+    at_matched_norm,
+    compare_means,
+    verdict_clearly_below,
+    verdict_not_below,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

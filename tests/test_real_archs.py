@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from rlopt_cli import grpo
+from rlopt_cli.algo import grpo
 from tests.tiny_hf import ARCHS, tiny_model
 
 GROUP, PROMPT_LENS, LENGTH = 3, (5, 9), 6
@@ -42,7 +42,7 @@ def group_batch(vocab: int) -> tuple[torch.Tensor, ...]:
 
 def enable_checkpointing(model: Any) -> list[int]:
     """Turn checkpointing on as `rlopt` does; returns a list that grows by one per checkpointed layer call."""
-    from rlopt_cli.models import enable_checkpointing as enable
+    from rlopt_cli.models.loading import enable_checkpointing as enable
 
     enable(model)
     calls: list[int] = []
@@ -130,8 +130,8 @@ def test_reentrant_checkpointing_is_refused_rather_than_losing_gradients() -> No
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_sft_loss_is_the_same_with_checkpointing(arch: str) -> None:
+    from rlopt_cli.algo.sft import sft_loss
     from rlopt_cli.rollout import Rollout
-    from rlopt_cli.sft import sft_loss
 
     model = tiny_model(arch)
     prompt_ids, prompt_mask, completion, cmask = group_batch(model.config.vocab_size)
@@ -190,10 +190,10 @@ def test_training_is_the_same_with_checkpointing_on_every_route(
     # run: with checkpointing on, each route trains as the plain run does (same losses, KL, gradient norms, weights).
     from safetensors.torch import load_file
 
-    from rlopt_cli.checkpoint import step_dir
-    from rlopt_cli.config_io import load_config
-    from rlopt_cli.tracking import read_metrics
-    from rlopt_cli.trainer import train
+    from rlopt_cli.config.recipes import load_config
+    from rlopt_cli.training.checkpoint import step_dir
+    from rlopt_cli.training.loop import train
+    from rlopt_cli.training.tracking import read_metrics
     from tests.tiny_hf import reward_spread, save_tiny_model
 
     reward_spread(monkeypatch)
@@ -242,7 +242,7 @@ def test_checkpointing_keeps_its_memory_saving_on_the_kv_cache_route(arch: str) 
     # only handles), for 8 rows of 40 + 64 tokens. The KV-cache route must save what checkpointing saves on the
     # per-row route, not fall back to keeping every layer's activations. (The prompt's keys/values, which any
     # KV-cache route keeps, are held by the cache rather than saved: 2 layers x (K, V) x 40 tokens x 32 floats per row.)
-    from rlopt_cli.models import enable_checkpointing
+    from rlopt_cli.models.loading import enable_checkpointing
 
     model = tiny_model(arch)
     gen = torch.Generator().manual_seed(0)

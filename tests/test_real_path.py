@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from rlopt_cli.checkpoint import has_weights, load_trainer_state, resolve_checkpoint, save_checkpoint
-from rlopt_cli.config import ModelConfig
-from rlopt_cli.config_io import load_config
-from rlopt_cli.models import build_char_tokenizer, build_embedded_model, load_pretrained
+from rlopt_cli.config.recipes import load_config
+from rlopt_cli.config.schema import ModelConfig
+from rlopt_cli.models.loading import build_char_tokenizer, build_embedded_model, load_pretrained
+from rlopt_cli.training.checkpoint import has_weights, load_trainer_state, resolve_checkpoint, save_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
@@ -26,8 +26,8 @@ RECIPE_ARCHS = {"models/Qwen2.5-0.5B-Instruct": "qwen2", "models/Qwen3-1.7B": "q
 @pytest.mark.slow
 def test_gsm8k_grpo_runs_end_to_end(tmp_path: Path, tiny_overrides: list[str]) -> None:
     pytest.importorskip("datasets")
-    from rlopt_cli.tracking import read_metrics
-    from rlopt_cli.trainer import train
+    from rlopt_cli.training.loop import train
+    from rlopt_cli.training.tracking import read_metrics
 
     cfg = load_config(
         None,
@@ -63,9 +63,9 @@ def test_paper_recipe_trains_with_its_own_flags(
     pytest.importorskip("datasets")
     import transformers.modeling_utils
 
-    from rlopt_cli import grpo
-    from rlopt_cli import trainer as trainer_module
-    from rlopt_cli.tracking import read_metrics
+    from rlopt_cli.algo import grpo
+    from rlopt_cli.training import loop as trainer_module
+    from rlopt_cli.training.tracking import read_metrics
     from tests.tiny_hf import reward_spread, save_tiny_model
 
     path = REPO / "recipes/paper" / recipe

@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from rlopt_cli.cli import app
-from rlopt_cli.config_io import load_config, to_toml
+from rlopt_cli.config.recipes import load_config, to_toml
 from rlopt_cli.errors import RloptError
-from rlopt_cli.report import build_report, mean_ci, t_quantile_975, variant_label, write_report
+from rlopt_cli.study.report import build_report, mean_ci, t_quantile_975, variant_label, write_report
 
 # (objective, optimizer, lr, seed, final accuracy, best accuracy)
 RUNS = [
@@ -124,7 +124,7 @@ def test_report_files_and_cli(results: Path) -> None:
 
 
 def test_plots_hold_the_expected_series(results: Path) -> None:
-    from rlopt_cli.plots import plot_report
+    from rlopt_cli.study.plots import plot_report
 
     series = plot_report(build_report(results))
     for name in series:

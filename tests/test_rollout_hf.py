@@ -10,8 +10,8 @@ import torch
 
 def tiny_model(init_seed: int) -> tuple[Any, Any]:
     """A random 2-layer embedded model in eval mode, and its tokenizer."""
-    from rlopt_cli.config import ModelConfig
-    from rlopt_cli.models import build_char_tokenizer, build_embedded_model
+    from rlopt_cli.config.schema import ModelConfig
+    from rlopt_cli.models.loading import build_char_tokenizer, build_embedded_model
 
     tok = build_char_tokenizer()
     config = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, init_seed=init_seed)

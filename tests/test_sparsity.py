@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from rlopt_cli.cli import app
 from rlopt_cli.errors import RloptError
-from rlopt_cli.sparsity import effective_rank, layer_index, module_type, sparsity
-from rlopt_cli.sparsity_count import Counts, count_slice, settled_range
+from rlopt_cli.sparsity.compare import effective_rank, layer_index, module_type, sparsity
+from rlopt_cli.sparsity.count import Counts, count_slice, settled_range
 
 runner = CliRunner()
 
@@ -155,7 +155,7 @@ def test_bit_rules_count_as_the_float_rules(dtype: torch.dtype, atol: float, rto
 def test_bf16_tensor_over_many_slices(monkeypatch: pytest.MonkeyPatch, open_batch: int) -> None:
     # 3 bit-rule slices of a bf16 tensor with small and large weights: dense 1-ULP moves in the first slice,
     # sparse ones after. The batched float rules must count as the float rules applied slice by slice.
-    import rlopt_cli.sparsity_count as kernel
+    import rlopt_cli.sparsity.count as kernel
 
     monkeypatch.setattr(kernel, "OPEN_BATCH", open_batch)
     gen = torch.Generator().manual_seed(0)
@@ -420,8 +420,8 @@ def test_cli_bad_input(tmp_path: Path, case: str) -> None:
 
 @pytest.mark.slow
 def test_agrees_with_in_training_sparsity(tmp_path: Path) -> None:
-    from rlopt_cli.config_io import load_config
-    from rlopt_cli.trainer import train
+    from rlopt_cli.config.recipes import load_config
+    from rlopt_cli.training.loop import train
 
     overrides = [
         "model.warmup_steps=0", "task.n_eval=16", "grpo.num_generations=4", "grpo.batch_size=8", "train.steps=2",

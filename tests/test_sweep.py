@@ -18,9 +18,9 @@ import pytest
 from typer.testing import CliRunner
 
 from rlopt_cli.cli import app
-from rlopt_cli.config_io import to_dict, to_toml
+from rlopt_cli.config.recipes import to_dict, to_toml
 from rlopt_cli.errors import RloptError
-from rlopt_cli.sweep import load_sweep, select
+from rlopt_cli.study.sweep import load_sweep, select
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "recipes" / "sweep_smoke.toml"
@@ -144,7 +144,7 @@ def test_changed_cell_and_foreign_folder_are_errors_before_running(tmp_path: Pat
     run_dir.mkdir(parents=True)
     changed = to_dict(cell.config)
     changed["train"]["steps"] = 99
-    from rlopt_cli.config_io import from_dict
+    from rlopt_cli.config.recipes import from_dict
 
     (run_dir / "config.toml").write_text(to_toml(from_dict(changed)))
     dry = invoke("sweep", str(SMOKE), "--dry-run", "--out", str(tmp_path))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlopt_cli.config import TaskConfig
+from rlopt_cli.config.schema import TaskConfig
 from rlopt_cli.errors import RloptError
 from rlopt_cli.tasks import Example, build_task
 from rlopt_cli.tasks.arithmetic import extract_answer, verify

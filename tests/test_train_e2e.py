@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlopt_cli import trainer
-from rlopt_cli.config_io import load_config
-from rlopt_cli.tracking import read_metrics
+from rlopt_cli.config.recipes import load_config
+from rlopt_cli.training import loop as trainer
+from rlopt_cli.training.tracking import read_metrics
 from tests.conftest import first_of_each
 
 pytestmark = [pytest.mark.slow, pytest.mark.trajectory]
@@ -254,12 +254,13 @@ def test_probe_reads_moments_without_changing_the_run(
 
 
 def test_warm_model_is_built_once_per_key(tiny_overrides: list[str]) -> None:
-    from rlopt_cli.warmup import ensure_warm_model, warm_key
+    from rlopt_cli.training.warmup import ensure_warm_model, warm_key
 
     cfg = tiny(tiny_overrides)
-    first = ensure_warm_model(cfg, quiet)
+    first = ensure_warm_model(cfg, trainer.train, quiet)
     said: list[str] = []
-    assert ensure_warm_model(tiny(tiny_overrides, "log.progress=true", "train.seed=5"), said.append) == first
+    again = tiny(tiny_overrides, "log.progress=true", "train.seed=5")
+    assert ensure_warm_model(again, trainer.train, said.append) == first
     assert said == []  # reused from the cache, not trained again
     assert warm_key(tiny(tiny_overrides, "task.digits=2")) != warm_key(cfg)
     summary = json.loads((first.parents[1] / "summary.json").read_text())

@@ -42,7 +42,7 @@ def fixed_completion(tokenizer: Any) -> tuple[list[int], list[int]]:
 
 
 def trainer_logprobs(model: Any, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
-    from rlopt_cli.grpo import token_logprobs
+    from rlopt_cli.algo.grpo import token_logprobs
 
     device = next(model.parameters()).device
     p = torch.tensor([prompt_ids], device=device)
@@ -53,9 +53,9 @@ def trainer_logprobs(model: Any, prompt_ids: list[int], completion_ids: list[int
 
 def run_and_record(out: Path, seed: int, device: str) -> None:
     """One training run; after every weight sync, record engine vs trainer log-probs of the fixed completion."""
-    from rlopt_cli import trainer
-    from rlopt_cli.config_io import load_config
-    from rlopt_cli.tracking import read_metrics
+    from rlopt_cli.config.recipes import load_config
+    from rlopt_cli.training import loop as trainer
+    from rlopt_cli.training.tracking import read_metrics
 
     extra = [f"train.seed={seed}", f"train.device={device}"]
     if device == "cuda":
@@ -140,8 +140,8 @@ def test_engine_follows_the_trainer_on_cuda_with_sleep_mode(tmp_path: Path) -> N
 
 @pytest.fixture(scope="module")
 def engines() -> tuple[Any, Any, Any]:
-    from rlopt_cli.config_io import load_config
-    from rlopt_cli.models import build_char_tokenizer, build_embedded_model
+    from rlopt_cli.config.recipes import load_config
+    from rlopt_cli.models.loading import build_char_tokenizer, build_embedded_model
     from rlopt_cli.rollout import make_backend
     from rlopt_cli.rollout.hf import HFBackend
 

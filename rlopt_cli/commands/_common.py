@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 import typer
 
-from rlopt_cli.cpu_kernels import pin
 from rlopt_cli.errors import RloptError
+from rlopt_cli.runtime.cpu_kernels import pin
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -29,7 +29,7 @@ def demo(
     overrides: list[str] = typer.Option([], "--set", "-s", help="Dotted override applied to both runs."),
 ) -> None:
     """GRPO on the embedded task with SGD and AdamW from one warm model; prints the comparison."""
-    from rlopt_cli.config_io import load_config
+    from rlopt_cli.config.recipes import load_config
 
     started = time.perf_counter()
     configs = [
@@ -42,7 +42,7 @@ def demo(
     ]
     pin_cpu_kernels(configs[0].train.cpu_isa)  # --set applies to both runs: one setting
 
-    from rlopt_cli.trainer import train
+    from rlopt_cli.training.loop import train
 
     runs = []
     for cfg in configs:

@@ -27,9 +27,9 @@ def eval_checkpoint(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Evaluate a model on its task's eval split (the task comes from the checkpoint's rlopt.toml)."""
-    from rlopt_cli.checkpoint import resolve_checkpoint
-    from rlopt_cli.config_io import from_dict, parse_override, read_toml, set_dotted
+    from rlopt_cli.config.recipes import from_dict, parse_override, read_toml, set_dotted
     from rlopt_cli.errors import RloptError
+    from rlopt_cli.training.checkpoint import resolve_checkpoint
 
     if samples < 0 or limit < 0:
         raise RloptError("--samples and --limit must be >= 0")
@@ -43,11 +43,11 @@ def eval_checkpoint(
 
     import torch
 
-    from rlopt_cli.evaluation import evaluate
-    from rlopt_cli.models import load_pretrained
+    from rlopt_cli.models.loading import load_pretrained
     from rlopt_cli.rollout import make_backend
+    from rlopt_cli.runtime.devices import resolve_device
     from rlopt_cli.tasks import build_task
-    from rlopt_cli.trainer import resolve_device
+    from rlopt_cli.training.evaluation import evaluate
 
     device = resolve_device(cfg.train.device)
     model, tokenizer = load_pretrained(ckpt, device)

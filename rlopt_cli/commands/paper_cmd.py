@@ -28,13 +28,13 @@ def paper(
     overrides: list[str] = typer.Option([], "--set", "-s", help="Dotted override applied to every run."),
 ) -> None:
     """Run the grid, probe, scale and step-size-regime runs, then write results/<name>/REPORT.md."""
-    from rlopt_cli import paper as study
     from rlopt_cli.commands.sweep_cmd import run_cells
     from rlopt_cli.errors import RloptError
-    from rlopt_cli.paper_report import write_report
-    from rlopt_cli.paper_tables import grid_n_params
-    from rlopt_cli.report import build_report
-    from rlopt_cli.sweep_folder import cell_status, check_unchanged, claim_folder
+    from rlopt_cli.study import paper as study
+    from rlopt_cli.study.paper_report import write_report
+    from rlopt_cli.study.paper_tables import grid_n_params
+    from rlopt_cli.study.report import build_report
+    from rlopt_cli.study.sweep_folder import cell_status, check_unchanged, claim_folder
 
     started = time.perf_counter()
     try:
@@ -79,8 +79,8 @@ def paper(
 def _measure_memory(paper_dir: Path, quick: bool) -> None:
     import json
 
-    from rlopt_cli.checkpoint import atomic_write_json
-    from rlopt_cli.memory import measure_step_memory
+    from rlopt_cli.runtime.atomic_files import atomic_write_json
+    from rlopt_cli.training.memory import measure_step_memory
 
     path = paper_dir / "memory.json"
     if not path.is_file():

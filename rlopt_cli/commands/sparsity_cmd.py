@@ -32,7 +32,7 @@ def sparsity(
 ) -> None:
     """Count the coordinates that changed from CKPT_A to CKPT_B, overall, per module type and per layer."""
     from rlopt_cli.errors import RloptError, close_matches
-    from rlopt_cli.sparsity import GROUPS, check_options, compare, resolve_pair
+    from rlopt_cli.sparsity.compare import GROUPS, check_options, compare, resolve_pair
 
     check_options(atol, rtol, dtype)
     if by not in GROUPS:
@@ -94,7 +94,7 @@ def print_tables(result: Any, by: str) -> None:
     from rich.table import Table
 
     from rlopt_cli.commands._common import console
-    from rlopt_cli.sparsity_count import RULES
+    from rlopt_cli.sparsity.count import RULES
 
     out = console()
     total = result.total

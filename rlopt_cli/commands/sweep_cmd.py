@@ -22,8 +22,8 @@ def sweep(
 ) -> None:
     """Run every unfinished cell of a sweep (finished ones are skipped, partial ones resume), then report."""
     from rlopt_cli.errors import RloptError
-    from rlopt_cli.sweep import load_sweep, select
-    from rlopt_cli.sweep_folder import cell_status, check_unchanged, claim_folder
+    from rlopt_cli.study.sweep import load_sweep, select
+    from rlopt_cli.study.sweep_folder import cell_status, check_unchanged, claim_folder
 
     plan = load_sweep(file)
     cells = select(plan.cells, only)
@@ -76,8 +76,8 @@ def run_cells(
     """Launch the cells under a live display; returns (cell, error) for the cells that failed."""
     from rich.live import Live
 
-    from rlopt_cli.config_io import to_dict
-    from rlopt_cli.launchers import Job, cpu_count, launch
+    from rlopt_cli.config.recipes import to_dict
+    from rlopt_cli.study.launchers import Job, cpu_count, launch
 
     threads = max(1, int(settings.num_cpus)) if launcher != "local" else max(1, cpu_count() // workers)
     jobs = [Job(c.name, to_dict(c.config), str(sweep_dir), threads) for c in todo]
@@ -140,8 +140,8 @@ class SweepDisplay:
 def run_report(sweep_dir: Path, plots: bool = True, missing_ok: bool = True) -> None:
     """Print the report tables and write report.{csv,parquet,md} (+ the PNGs) into `sweep_dir`."""
     from rlopt_cli.errors import RloptError
-    from rlopt_cli.plots import plot_report
-    from rlopt_cli.report import build_report, print_report, write_report
+    from rlopt_cli.study.plots import plot_report
+    from rlopt_cli.study.report import build_report, print_report, write_report
 
     try:
         report = build_report(sweep_dir)

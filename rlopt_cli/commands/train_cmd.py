@@ -24,7 +24,7 @@ def train(
     wandb: bool | None = typer.Option(None, "--wandb/--no-wandb", help="Log to W&B (offline without a key)."),
 ) -> None:
     """Train one run (resumes if its folder holds an unfinished run with the same config)."""
-    from rlopt_cli.config_io import load_config
+    from rlopt_cli.config.recipes import load_config
 
     flags = {
         "optimizer.name": optimizer,
@@ -39,7 +39,7 @@ def train(
 
     import json
 
-    from rlopt_cli.trainer import train as run_training
+    from rlopt_cli.training.loop import train as run_training
 
     run_dir = run_training(cfg, out, say)
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -8,56 +8,21 @@ only when chosen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from rlopt_cli.errors import RloptError
+from rlopt_cli.rollout.base import Backend, Rollout
+from rlopt_cli.rollout.hf import HFBackend
+from rlopt_cli.rollout.vllm import VLLMBackend  # imports vllm itself only when an engine starts
 
-if TYPE_CHECKING:
-    import torch
-
-
-@dataclass
-class Rollout:
-    prompt_ids: torch.Tensor  # [N, P] left-padded
-    prompt_mask: torch.Tensor  # [N, P] 1 on real prompt tokens
-    completion_ids: torch.Tensor  # [N, L] right-padded with pad after EOS
-    completion_mask: torch.Tensor  # [N, L] 1 on generated tokens up to and including EOS
-    truncated: torch.Tensor  # [N] bool: hit max_new_tokens without EOS
-    texts: list[str]  # decoded completions, EOS and padding removed
-
-    def normal_tensors(self) -> Rollout:
-        """Copies of tensors made under `torch.inference_mode`, which autograd may not save for backward."""
-        return Rollout(
-            self.prompt_ids.clone(),
-            self.prompt_mask.clone(),
-            self.completion_ids.clone(),
-            self.completion_mask.clone(),
-            self.truncated.clone(),
-            self.texts,
-        )
-
-
-class Backend(Protocol):
-    def generate(
-        self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int
-    ) -> Rollout: ...
-
-    def sync_weights(self, model: Any) -> None: ...
-
+__all__ = ["BACKENDS", "Backend", "Rollout", "make_backend"]
 
 BACKENDS = ("hf", "vllm")
 
 
 def make_backend(name: str, model: Any, tokenizer: Any, cfg: Any) -> Backend:
     if name == "hf":
-        from rlopt_cli.rollout.hf import HFBackend
-
         return HFBackend(model, tokenizer)
     if name == "vllm":
-        from rlopt_cli.rollout.vllm import (
-            VLLMBackend,
-        )  # imports vllm itself, with a one-line error if missing
-
         return VLLMBackend(model, tokenizer, cfg)
     raise RloptError(f"unknown rollout backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from rlopt_cli.models import cache_argument, custom_attention_mask, returned_cache
-from rlopt_cli.rollout import Rollout
+from rlopt_cli.models.loading import cache_argument, custom_attention_mask, returned_cache
+from rlopt_cli.rollout.base import Rollout
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:

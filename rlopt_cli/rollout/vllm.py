@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from rlopt_cli.errors import RloptError
-from rlopt_cli.rollout import Rollout
+from rlopt_cli.models.loading import mark_saved_dtype
+from rlopt_cli.rollout.base import Rollout
 
 CPU_KV_CACHE_GIB = "1"  # the KV cache vLLM reserves on CPU; plenty for small models, cheap on a shared box
 
@@ -53,8 +54,6 @@ def engine_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def save_policy(model: Any, tokenizer: Any, dtype: torch.dtype) -> str:
     """The policy's current weights as a Hugging Face folder vLLM can start from; removed at exit."""
-    from rlopt_cli.models import mark_saved_dtype
-
     folder = tempfile.mkdtemp(prefix="rlopt-vllm-")
     weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
@@ -78,7 +77,7 @@ class VLLMBackend:
         if self.device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
         try:
-            from vllm import LLM, SamplingParams
+            from vllm import LLM, SamplingParams  # heavy: imported on use
         except ModuleNotFoundError as err:
             raise RloptError(
                 f"rollout.backend = 'vllm' needs vllm ({err.name} is missing): "

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from rlopt_cli.errors import RloptError, close_matches
 
 if TYPE_CHECKING:
-    from rlopt_cli.config import TaskConfig
+    from rlopt_cli.config.schema import TaskConfig
 
 
 @dataclass(frozen=True)

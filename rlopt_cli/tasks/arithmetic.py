@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 
-from rlopt_cli.config import TaskConfig
+from rlopt_cli.config.schema import TaskConfig
 from rlopt_cli.tasks import Example, Task
 
 MAX_TRAIN = 50_000  # enough problems that a 1M-parameter model sees few repeats in a demo-length run

@@ -33,7 +33,7 @@ def split_path(task: str, key: str, value: str) -> Path:
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Every row of a JSONL / Parquet file as plain dicts (nested structs stay dicts, lists stay lists)."""
     try:
-        import datasets
+        import datasets  # heavy: imported on use
     except ModuleNotFoundError:
         raise RloptError(f"reading {path} needs the `datasets` package: pip install -e '.[real]'") from None
     if path.stat().st_size == 0:

@@ -18,7 +18,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from rlopt_cli.config import TaskConfig
+from rlopt_cli.config.schema import TaskConfig
 from rlopt_cli.errors import RloptError
 from rlopt_cli.tasks import Example, Task
 from rlopt_cli.tasks.files import field, load_split, prompt_text

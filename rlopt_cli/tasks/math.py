@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from rlopt_cli.config import TaskConfig
+from rlopt_cli.config.schema import TaskConfig
 from rlopt_cli.errors import RloptError
 from rlopt_cli.tasks import Example, Task
 from rlopt_cli.tasks.files import field, load_split, prompt_text
@@ -78,8 +78,8 @@ class Grader:
 
     def __init__(self) -> None:
         try:
-            from math_verify import LatexExtractionConfig, parse, verify
-            from math_verify.parser import NormalizationConfig
+            from math_verify import LatexExtractionConfig, parse, verify  # heavy: imported on use
+            from math_verify.parser import NormalizationConfig  # heavy: imported on use
         except ModuleNotFoundError:
             raise RloptError("task 'math' needs math-verify: pip install -e '.[real]'") from None
         logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call with timeouts off

@@ -1,0 +1,199 @@
+"""Launchers: run a list of cells (independent run configs) locally, on Ray, or as a SLURM job array.
+
+Every launcher ships the same thing to a worker: the cell's config as a plain dict and the sweep folder, and
+the worker calls `run_cell`, which rebuilds the RunConfig and calls `trainer.train`. Because `train` resumes a
+partial run folder and skips a finished one, and every file it writes is renamed into place, killing a sweep
+at any moment (Ctrl-C, kill -9, a preempted SLURM task) loses no finished run: rerunning it does the rest.
+
+Deliberate simplifications: a failed cell is reported and the others go on (no retries); the local launcher
+counts a cell as running from the moment the pool hands it to a worker process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import importlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlopt_cli.config.recipes import from_dict
+from rlopt_cli.errors import RloptError
+from rlopt_cli.runtime.cpu_kernels import pin
+
+OnFinish = Callable[[str, "dict[str, Any] | None", "str | None"], None]
+"""Called as on_finish(cell_name, summary or None, error line or None) when a cell ends."""
+OnTick = Callable[[int], None]
+"""Called with the number of cells running now, every poll."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker needs: a cell's name, its config as a plain dict (picklable) and where to run it."""
+
+    name: str
+    config: dict[str, Any]
+    out_dir: str
+    threads: int = 1
+
+
+def run_cell(job: Job) -> dict[str, Any]:
+    """Worker entry point (module level, so every launcher can pickle it by reference)."""
+    cfg = from_dict(job.config)
+    # Pin the CPU kernels before this worker's first torch import (Ray and SLURM workers start bare), so torch
+    # and the training loop are imported here, after the pin, not at the top of the module.
+    note = pin(cfg.train.cpu_isa)
+    import torch  # heavy: imported on use
+
+    from rlopt_cli.training.loop import train
+
+    torch.set_num_threads(max(1, job.threads))  # N cells on N cores: one thread each, not N x N
+    log = Path(job.out_dir) / "logs" / f"{job.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+
+    def say(message: str) -> None:  # workers write to a log file, so the sweep's live display stays readable
+        with log.open("a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
+    if note:
+        say(note)
+
+    run_dir = train(cfg, job.out_dir, say)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def error_line(err: BaseException) -> str:
+    """One line for a failed cell: the innermost message, without Ray's or submitit's wrapping."""
+    text = str(err).strip().splitlines()
+    return next((line for line in reversed(text) if line.strip()), type(err).__name__)[:300]
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# local: a process pool
+
+
+def launch_local(jobs: list[Job], settings: Any, workers: int, on_finish: OnFinish, on_tick: OnTick) -> None:
+    """Each cell in its own spawned process, `workers` at a time. Spawn: no forked torch/OpenMP state. One
+    cell per process (max_tasks_per_child=1): peak memory is the process's high-water mark (ru_maxrss), which a
+    reused worker would carry over from its previous cell; it costs ~3 s of imports per cell."""
+    ctx = multiprocessing.get_context("spawn")
+    one_each: dict[str, Any] = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, **one_each) as pool:
+        futures = {pool.submit(run_cell, job): job.name for job in jobs}
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    _report(futures[future], future.result, on_finish)
+                on_tick(min(workers, sum(f.running() for f in pending)))
+        except BaseException:  # Ctrl-C: drop queued cells; running ones got the signal too and stop
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _report(name: str, result: Callable[[], Any], on_finish: OnFinish) -> None:
+    try:
+        on_finish(name, result(), None)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # a failed cell must not stop the others
+        on_finish(name, None, error_line(err))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ray: one task per cell
+
+
+def import_extra(module: str, extra: str, launcher: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RloptError(
+            f"the {launcher} launcher needs {module}, which is not installed: pip install -e '.[{extra}]'"
+        ) from None
+
+
+def launch_ray(jobs: list[Job], settings: Any, workers: int, on_finish: OnFinish, on_tick: OnTick) -> None:
+    """Each cell a Ray task with the sweep's num_cpus/num_gpus, on RAY_ADDRESS's cluster or a local one."""
+    ray = import_extra("ray", "ray", "ray")
+    if not ray.is_initialized():  # a caller (or a test) may have started one with its own resources
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False)
+    remote = ray.remote(run_cell).options(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus)
+    refs = {remote.remote(job): job.name for job in jobs}
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            for ref in ready:
+                _report(refs[ref], functools.partial(ray.get, ref), on_finish)
+            on_tick(len(pending))  # Ray does not say which pending tasks hold resources; count them all
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# slurm: one submitit job array
+
+
+def launch_slurm(jobs: list[Job], settings: Any, workers: int, on_finish: OnFinish, on_tick: OnTick) -> None:
+    """One SLURM job array, one array task per cell; RLOPT_SLURM_CLUSTER=local runs it on this machine."""
+    submitit = import_extra("submitit", "slurm", "slurm")
+    cluster = os.environ.get("RLOPT_SLURM_CLUSTER") or settings.slurm_cluster or None
+    folder = Path(jobs[0].out_dir) / ".submitit" / "%j"
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    params: dict[str, Any] = {
+        "timeout_min": settings.slurm_time_min,
+        "gpus_per_node": settings.slurm_gpus_per_node,
+        "cpus_per_task": max(1, int(settings.num_cpus)),
+        "slurm_array_parallelism": workers,
+    }
+    if settings.slurm_partition:
+        params["slurm_partition"] = settings.slurm_partition
+    executor.update_parameters(**params)
+    array = executor.map_array(run_cell, jobs)
+    names = {job.job_id: j.name for job, j in zip(array, jobs, strict=True)}
+    pending = list(array)
+    try:
+        while pending:
+            time.sleep(0.5)
+            for job in [j for j in pending if j.done()]:
+                pending.remove(job)
+                _report(names[job.job_id], job.result, on_finish)
+            on_tick(sum(j.state == "RUNNING" for j in pending))
+    except BaseException:
+        for job in pending:
+            job.cancel(check=False)
+        raise
+
+
+LAUNCHERS: dict[str, Callable[[list[Job], Any, int, OnFinish, OnTick], None]] = {
+    "local": launch_local,
+    "ray": launch_ray,
+    "slurm": launch_slurm,
+}
+
+
+def launch(
+    name: str, jobs: list[Job], settings: Any, workers: int, on_finish: OnFinish, on_tick: OnTick
+) -> None:
+    if name not in LAUNCHERS:
+        raise RloptError(f"unknown launcher {name!r}; choose one of {', '.join(LAUNCHERS)}")
+    if jobs:
+        LAUNCHERS[name](jobs, settings, workers, on_finish, on_tick)

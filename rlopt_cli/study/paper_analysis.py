@@ -1,0 +1,132 @@
+"""The paper study's measurements, computed from run folders only (never a live trainer).
+
+- `weight_update`: from a run's starting and final fp32 master weights (trainer_state.safetensors): the L2 norm
+  of the total update, the changed fraction when stored in bf16 and in fp32, the ULP-based prediction of the bf16
+  changed fraction, mean over coordinates of min(1, |dw| / ulp_bf16(w0)), and the histogram of |dw| / ulp_bf16(w0).
+- `compare_means`: the difference of two optimizers' seed means with a Welch 95% CI, and a plain verdict.
+- `at_matched_norm`: one optimizer's changed fraction interpolated at another's update norm (log-log), so the
+  sparsity contrast is also read at equal update size, not only at each optimizer's best LR.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlopt_cli.study.report import mean_ci, t_quantile_975  # noqa: F401 (mean_ci re-exported for the paper)
+from rlopt_cli.training.checkpoint import list_checkpoints
+from rlopt_cli.training.update_fraction import ulp_bf16
+
+RATIO_BINS = [-math.inf, *range(-6, 5), math.inf]  # log10(|dw| / ulp) bin edges; 0 = one ULP
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    n: int
+    update_l2: float
+    changed_bf16: float
+    """Fraction of coordinates whose bf16 value changed (bitwise)."""
+    changed_fp32: float
+    """Fraction whose fp32 master value changed (bitwise): the sparsity fp32 storage would show."""
+    predicted_bf16: float
+    """Mean over coordinates of min(1, |dw| / ulp_bf16(w0)): the ULP mechanism's prediction of changed_bf16."""
+    median_step_ulp: float
+    """Median over all coordinates of |dw| / ulp_bf16(w0)."""
+    ratio_hist: list[int]
+    """Counts of log10(|dw| / ulp_bf16(w0)) in RATIO_BINS (exact zeros in the first bin)."""
+
+
+def _master_tensors(checkpoint: Path) -> Any:
+    from safetensors import safe_open  # heavy: imported on use
+
+    return safe_open(str(checkpoint / "trainer_state.safetensors"), framework="pt")
+
+
+def weight_update(run_dir: Path) -> WeightUpdate:
+    """Compare the run's step-0 and last checkpoints' fp32 master weights, tensor by tensor."""
+    import torch  # heavy: imported on use
+
+    ckpts = list_checkpoints(run_dir)
+    first, last = _master_tensors(ckpts[0]), _master_tensors(ckpts[-1])
+    n = 0
+    sq = changed16 = changed32 = predicted = 0.0
+    hist = torch.zeros(len(RATIO_BINS) - 1, dtype=torch.long)
+    samples = []
+    edges = torch.tensor(RATIO_BINS[1:-1], dtype=torch.float32)
+    for key in first.keys():  # noqa: SIM118 (safe_open is not a dict)
+        if not key.startswith("master."):
+            continue
+        w0, w1 = first.get_tensor(key).float().flatten(), last.get_tensor(key).float().flatten()  # [n_t]
+        delta = (w1 - w0).abs()  # [n_t]
+        ratio = delta / ulp_bf16(w0)  # [n_t]
+        n += w0.numel()
+        sq += float((delta.double() ** 2).sum())
+        changed16 += int((w1.to(torch.bfloat16) != w0.to(torch.bfloat16)).sum())
+        changed32 += int((w1 != w0).sum())
+        predicted += float(ratio.clamp(max=1.0).sum())
+        logs = torch.where(ratio > 0, ratio.log10(), torch.full_like(ratio, -math.inf))
+        hist += torch.bincount(torch.bucketize(logs, edges), minlength=len(RATIO_BINS) - 1)
+        samples.append(ratio[:: max(1, ratio.numel() // 20_000)])
+    return WeightUpdate(
+        n=n,
+        update_l2=math.sqrt(sq),
+        changed_bf16=changed16 / n,
+        changed_fp32=changed32 / n,
+        predicted_bf16=predicted / n,
+        median_step_ulp=float(torch.cat(samples).median()),
+        ratio_hist=hist.tolist(),
+    )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    diff: float
+    """mean(a) - mean(b)."""
+    low: float
+    high: float
+    """Welch 95% CI of the difference (NaN when either side has one value)."""
+
+
+def compare_means(a: Sequence[float], b: Sequence[float]) -> Comparison:
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    if len(a) < 2 or len(b) < 2:
+        return Comparison(ma - mb, math.nan, math.nan)
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Comparison(ma - mb, ma - mb, ma - mb)
+    df = (va + vb) ** 2 / ((va**2) / (len(a) - 1) + (vb**2) / (len(b) - 1))
+    half = t_quantile_975(max(1, int(df + 1e-9))) * se  # floor of the Welch df: conservative
+    return Comparison(ma - mb, ma - mb - half, ma - mb + half)
+
+
+def verdict_not_below(c: Comparison) -> str:
+    """Claim 'a is within noise of, or above, b'."""
+    if math.isnan(c.low):
+        return "inconclusive (one seed)"
+    return "does not hold at this scale" if c.high < 0 else "holds"
+
+
+def verdict_clearly_below(c: Comparison) -> str:
+    """Claim 'a is clearly below b'."""
+    if math.isnan(c.low):
+        return "inconclusive (one seed)"
+    if c.high < 0:
+        return "holds"
+    return "does not hold at this scale" if c.low > 0 or c.diff >= 0 else "inconclusive"
+
+
+def at_matched_norm(points: Sequence[tuple[float, float]], norm: float) -> float | None:
+    """Interpolate y at x = norm in log-log space over (update_norm, changed_fraction) points; None outside."""
+    pts = sorted((x, y) for x, y in points if x > 0 and y > 0)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x0 <= norm <= x1:
+            if x1 == x0:
+                return y0
+            t = (math.log(norm) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
+    return None

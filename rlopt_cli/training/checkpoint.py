@@ -1,0 +1,146 @@
+"""The run folder and its checkpoints: the only thing reports, eval and sparsity read.
+
+    results/<run>/config.toml            fully resolved config
+                  meta.json              seed, git sha, package versions, device, start/end time, W&B id
+                  metrics.jsonl          one JSON line per step
+                  summary.json           written when the run finishes
+                  checkpoints/step-NNNNNN/
+                      model.safetensors (+ index when sharded), config.json, tokenizer files
+                                                  (transformers loads the folder as it is)
+                      rlopt.toml                  the run's resolved config
+                      trainer_state.json          step, optimizer param groups, dtypes
+                      trainer_state.safetensors   fp32 master weights, optimizer state, RNG state
+
+step-000000 holds the starting weights, so `rlopt sparsity` and the in-training sparsity have a reference.
+Every file is written to a temporary name and renamed into place; a checkpoint folder appears whole or not at
+all. Nothing is pickled: tensors go to safetensors, the rest to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rlopt_cli.errors import RloptError
+from rlopt_cli.models.loading import PICKLE_SUFFIXES, mark_saved_dtype, refuse_pickle
+
+CHECKPOINTS = "checkpoints"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (temporary folders of an interrupted save are ignored)."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
+    )
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[1])
+
+
+def has_weights(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+
+
+def resolve_checkpoint(path: str | Path, step: int | None = None) -> Path:
+    """A checkpoint folder, or a run folder (its last checkpoint, or `step`); one-line errors otherwise."""
+    p = Path(path)
+    refuse_pickle(p)
+    if not p.exists():
+        raise RloptError(f"checkpoint not found: {p}")
+    if p.is_dir() and (p / CHECKPOINTS).is_dir():
+        ckpts = list_checkpoints(p)
+        if step is not None:
+            ckpts = [c for c in ckpts if checkpoint_step(c) == step]
+            if not ckpts:
+                raise RloptError(f"run {p} has no checkpoint at step {step}")
+        if not ckpts:
+            raise RloptError(f"run folder {p} has no checkpoints yet")
+        return ckpts[-1]
+    if p.is_dir():
+        if has_weights(p):
+            return p
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        hint = f"; found pickles ({', '.join(pickles)}), which rlopt refuses to load" if pickles else ""
+        raise RloptError(f"no model.safetensors in {p}{hint}")
+    raise RloptError(f"{p} is not a checkpoint folder or run folder")
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer: Any | None,
+    config_toml: str,
+    save_dtype: str,
+) -> Path:
+    """Write checkpoints/step-NNNNNN atomically: export weights in `save_dtype`, master weights in fp32."""
+    import torch  # heavy: imported on use
+    from safetensors.torch import save_file  # heavy: imported on use
+
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dtype = getattr(torch, save_dtype)
+    export = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp, state_dict=export, safe_serialization=True, max_shard_size="5GB")
+    mark_saved_dtype(tmp, save_dtype)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "rlopt.toml").write_text(config_toml)
+
+    tensors = {f"master.{n}": p.detach().float().contiguous().cpu() for n, p in model.named_parameters()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    groups: list[dict[str, Any]] = []
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for idx, values in state["state"].items():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{idx}.{key}"] = value.detach().contiguous().cpu()
+        groups = state["param_groups"]
+    save_file(tensors, str(tmp / "trainer_state.safetensors"))
+    (tmp / "trainer_state.json").write_text(
+        json.dumps({"step": step, "save_dtype": save_dtype, "param_groups": groups}, indent=2, default=list)
+        + "\n"
+    )
+    if final.exists():  # re-saving a step after a resume: replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:
+    """Restore fp32 master weights, optimizer state and RNG from a checkpoint; returns its step."""
+    import torch  # heavy: imported on use
+    from safetensors.torch import load_file  # heavy: imported on use
+
+    info = json.loads((ckpt / "trainer_state.json").read_text())
+    tensors = load_file(str(ckpt / "trainer_state.safetensors"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(tensors[f"master.{name}"].to(param.device))
+    torch.set_rng_state(tensors["rng.torch"])
+    if optimizer is not None:
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        groups = info["param_groups"]
+        for group in groups:  # JSON turned tuples into lists
+            if "betas" in group:
+                group["betas"] = tuple(group["betas"])
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return int(info["step"])

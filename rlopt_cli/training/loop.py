@@ -1,0 +1,371 @@
+"""The one training loop: GRPO (or SFT) on a task, writing one run folder. Read `train()` top to bottom.
+
+Each step: pick prompts, sample G completions each, score them with the task's verifier, turn rewards into
+group-normalised advantages, then `num_iterations` policy updates on the clipped surrogate (+ k3 KL when
+beta > 0), clip the gradient, step the optimizer, sync the rollout engine, log; evaluate and checkpoint when due.
+SFT replaces the rollout and the surrogate with the NLL of the reference solutions; everything else is shared.
+
+Deliberate simplifications:
+- one process, one device (no FSDP/DeepSpeed); micro-batching gives gradient accumulation for big batches;
+- a step is one generated batch: with num_iterations > 1 it holds that many optimizer updates;
+- prompts are drawn epoch by epoch from a seeded permutation; every step's sampling has its own seeded
+  generator, so a resumed run draws exactly what an uninterrupted one would;
+- the learning rate is a pure function of the step (no scheduler object to checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from rlopt_cli.algo import grpo, sft
+from rlopt_cli.algo.optimizers import build_optimizer, state_bytes
+from rlopt_cli.algo.probe import Probe, write_probe
+from rlopt_cli.config.recipes import to_dict, to_toml
+from rlopt_cli.config.schema import RunConfig
+from rlopt_cli.models.loading import load_policy, parameter_count, render_prompts
+from rlopt_cli.rollout import Backend, make_backend
+from rlopt_cli.runtime import cpu_kernels
+from rlopt_cli.runtime.atomic_files import atomic_write_json
+from rlopt_cli.runtime.devices import autocast, peak_memory_bytes, resolve_device
+from rlopt_cli.tasks import Example, Task, build_task
+from rlopt_cli.training.checkpoint import load_trainer_state, save_checkpoint, step_dir
+from rlopt_cli.training.evaluation import evaluate
+from rlopt_cli.training.run_folder import open_run, summarize, update_meta, write_meta
+from rlopt_cli.training.tracking import MetricsFile, NullSink, Sink, WandbSink, read_metrics
+from rlopt_cli.training.update_fraction import UpdateReference
+from rlopt_cli.training.warmup import warm_start
+
+
+def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> Path:
+    """Run (or resume, or skip if finished) one training run; returns its folder."""
+    state = open_run(Path(out_dir) / cfg.run_name, cfg)
+    run_dir = state.run_dir
+    if state.finished:
+        say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
+        return run_dir
+
+    device = resolve_device(cfg.train.device)
+    kernels, note = cpu_kernels.check(cfg.train.cpu_isa)
+    if note and device.type == "cpu":
+        say(note)
+    torch.manual_seed(cfg.train.seed)
+    task = build_task(cfg.task)
+    # The embedded model's warm-up is a stage of its own: an SFT run of this same loop, cached, before loading.
+    model, tokenizer = load_policy(cfg, device, warm_start(cfg, train, say))
+    model.train()
+    ref_model = frozen_copy(model) if cfg.train.objective == "grpo" and cfg.grpo.beta > 0 else None
+    opt = cfg.optimizer
+    optimizer = build_optimizer(model.parameters(), opt.name, opt.lr, opt.weight_decay, opt.extra_args)
+    backend = make_backend(cfg.rollout.backend, model, tokenizer, cfg)
+    save_dtype = getattr(torch, cfg.train.save_dtype)
+    config_toml = to_toml(cfg)
+
+    if state.resume_from is None:  # step 0: the starting weights are the sparsity reference
+        save_checkpoint(run_dir, 0, model, tokenizer, None, config_toml, cfg.train.save_dtype)
+        start_step = 0
+    else:
+        start_step = load_trainer_state(state.resume_from, model, optimizer)
+        backend.sync_weights(model)
+        say(f"resuming {run_dir.name} from step {start_step}")
+    reference = UpdateReference.from_file(step_dir(run_dir, 0), model, save_dtype)
+    metrics_file = MetricsFile(run_dir, start_step)
+    elapsed = (read_metrics(run_dir) or [{}])[-1].get("time/elapsed_s", 0.0)
+    meta = write_meta(
+        run_dir,
+        cfg,
+        str(device),
+        n_params=parameter_count(model),
+        torch_dtype="float32",
+        save_dtype=cfg.train.save_dtype,
+        kernels=kernels,
+    )
+    sink: Sink = NullSink()
+    if cfg.log.wandb:
+        sink = WandbSink(
+            run_dir,
+            cfg.run_name,
+            to_dict(cfg),
+            cfg.log.wandb_project,
+            cfg.log.wandb_group,
+            meta.get("wandb_id"),
+            say,
+        )
+        update_meta(run_dir, wandb_id=sink.id)
+
+    def run_eval() -> dict[str, float]:
+        result = evaluate(backend, tokenizer, task, cfg)
+        return {"eval/accuracy": result["accuracy"], **reference.fractions(model)}
+
+    if start_step == 0:
+        initial = run_eval()
+        metrics_file.log(initial, 0)
+        sink.log(initial, 0)
+    with progress_bar(cfg) as progress:
+        bar = progress.add_task(cfg.run_name, total=cfg.train.steps, completed=start_step, info="")
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            set_lr(optimizer, lr_at(step, cfg))
+            if cfg.train.objective == "grpo":
+                row = grpo_step(model, ref_model, optimizer, backend, tokenizer, task, cfg, step)
+            else:
+                row = sft_step(model, optimizer, tokenizer, task, cfg, step)
+            row["time/step_s"] = time.perf_counter() - t0
+            if (probed := row.pop("probe", None)) is not None:
+                row |= write_probe(run_dir, step, probed)
+            row |= optimizer_metrics(optimizer)
+            if due(step, cfg.train.eval_every, cfg.train.steps):
+                t_eval = time.perf_counter()
+                row |= run_eval()
+                row["time/eval_s"] = time.perf_counter() - t_eval
+            elapsed += time.perf_counter() - t0
+            row["time/elapsed_s"] = elapsed
+            row["mem/peak_bytes"] = peak_memory_bytes(device)
+            metrics_file.log(row, step)
+            sink.log(row, step)
+            if due(step, cfg.train.checkpoint_every, cfg.train.steps):
+                save_checkpoint(run_dir, step, model, tokenizer, optimizer, config_toml, cfg.train.save_dtype)
+            progress.update(bar, completed=step, info=progress_info(row))
+
+    metrics_file.close()
+    summary = summarize(run_dir, cfg, parameter_count(model), optimizer, reference.ulp_ratios(model))
+    sink.finish(summary)
+    update_meta(run_dir, finished=True)
+    atomic_write_json(run_dir / "summary.json", summary)
+    return run_dir
+
+
+def grpo_step(
+    model: Any,
+    ref_model: Any,
+    optimizer: Any,
+    backend: Backend,
+    tokenizer: Any,
+    task: Task,
+    cfg: RunConfig,
+    step: int,
+) -> dict[str, Any]:
+    g = cfg.grpo
+    examples = pick_examples(task.train, g.prompts_per_step, step, cfg.train.seed)
+    prompts = render_prompts(tokenizer, [e.prompt for e in examples], cfg.task.chat_template)
+    t_gen = time.perf_counter()
+    rollout = backend.generate(
+        prompts,
+        g.num_generations,
+        g.max_completion_length,
+        g.temperature,
+        seed=step_seed(cfg.train.seed, step),
+    )
+    gen_s = time.perf_counter() - t_gen
+    repeated = [e for e in examples for _ in range(g.num_generations)]
+    device = rollout.completion_ids.device
+    rewards = torch.tensor(task.rewards(rollout.texts, repeated), dtype=torch.float32)  # [B]
+    advantages = grpo.group_advantages(rewards, g.num_generations, g.scale_rewards).to(device)  # [B]
+    mask = rollout.completion_mask  # [B, L]
+    if g.mask_truncated_completions:
+        mask = mask * (~rollout.truncated).unsqueeze(1)
+    micro = g.micro_batch_size or g.batch_size
+    slices = [slice(i, i + micro) for i in range(0, g.batch_size, micro)]
+    num_tokens = int(mask.sum())
+    # Rows that carry a gradient. With beta = 0, a group whose completions all scored alike has zero advantage:
+    # its loss and gradient are exactly zero, so its forward/backward is skipped (its tokens still count in the
+    # loss normalisers). Groups go whole, so the prompt forward is still shared within each group.
+    carries = advantages.view(-1, g.num_generations).ne(0).any(1).repeat_interleave(g.num_generations)  # [B]
+    if g.beta > 0 or not g.skip_zero_advantage:
+        carries = torch.ones_like(carries)
+    batches = [torch.arange(s.start, s.stop, device=device)[carries[s]] for s in slices]  # row indices [b]
+    # Whole groups per micro-batch: each prompt is forwarded once for its G completions (grpo.token_logprobs).
+    group_size = g.num_generations if g.share_prompt_forward and micro % g.num_generations == 0 else 1
+
+    def logps_of(m: Any, rows: torch.Tensor) -> torch.Tensor:
+        with autocast(cfg.train.precision, device):
+            return grpo.token_logprobs(
+                m,
+                rollout.prompt_ids[rows],
+                rollout.prompt_mask[rows],
+                rollout.completion_ids[rows],
+                mask[rows],
+                g.temperature,
+                group_size,
+                g.pack_max_tokens,
+            )  # [b, L]
+
+    def frozen_logps(m: Any) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [logps_of(m, rows) if len(rows) else torch.empty(0) for rows in batches]
+
+    # The sampling policy's log-probs are needed only when it differs from the current one.
+    old_logps = frozen_logps(model) if g.num_iterations > 1 else None
+    ref_logps = frozen_logps(ref_model) if ref_model is not None else None
+
+    losses: list[float] = []
+    kls: list[float] = []
+    clips: list[float] = []
+    grad_norms: list[float] = []
+    probed = None
+    for iteration in range(g.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for i, rows in enumerate(batches):
+            micro_tokens = int(mask[slices[i]].sum())
+            if len(rows) == 0:  # no row of this micro-batch carries a gradient: its loss is exactly 0
+                for metric in (losses, kls, clips):
+                    metric.append(0.0)
+                continue
+            logps = logps_of(model, rows)
+            token = grpo.per_token_loss(
+                logps,
+                logps.detach() if old_logps is None else old_logps[i],
+                None if ref_logps is None else ref_logps[i],
+                advantages[rows],
+                g.epsilon,
+                g.clip_high,
+                g.beta,
+            )
+            loss = grpo.aggregate(
+                token.loss,
+                mask[rows],
+                g.loss_type,
+                num_sequences=g.batch_size,
+                num_tokens=num_tokens,
+                max_completion_length=g.max_completion_length,
+                num_micro_batches=len(slices),
+                micro_batch_tokens=micro_tokens,
+            )
+            loss.backward()
+            losses.append(loss.item())
+            kls.append(grpo.masked_mean(token.kl.detach(), mask[rows]))  # rows are skipped only when kl is 0
+            clips.append(float((token.clipped & mask[rows].bool()).sum()) / max(1, micro_tokens))
+        if not carries.any():  # as a full backward would: the optimizer steps on zero gradients
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+        probe_now = iteration == 0 and step in cfg.probe.steps
+        norm, stats = clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm, probe_now)
+        grad_norms.append(norm)
+        probed = probed or stats
+    backend.sync_weights(model)
+
+    grouped = rewards.view(-1, g.num_generations)  # [B/G, G]
+    return {
+        "train/reward_mean": float(rewards.mean()),
+        "train/reward_std": float(rewards.std()),
+        "train/frac_reward_zero_std": float((grouped.std(dim=1) == 0).float().mean()),
+        "train/loss": sum(losses) / g.num_iterations,
+        "train/kl": sum(kls) / len(kls),
+        "train/clip_frac": sum(clips) / len(clips),
+        "train/completion_len": float(rollout.completion_mask.sum(1).float().mean()),
+        "train/truncated_frac": float(rollout.truncated.float().mean()),
+        "train/skipped_frac": 1.0 - float(carries.float().mean()),
+        "train/grad_norm": grad_norms[0],
+        "train/clip_active": float(grad_norms[0] > cfg.optimizer.max_grad_norm > 0),
+        "time/gen_s": gen_s,
+        "probe": probed,
+    }
+
+
+def sft_step(
+    model: Any, optimizer: Any, tokenizer: Any, task: Task, cfg: RunConfig, step: int
+) -> dict[str, Any]:
+    examples = pick_examples(task.train, cfg.sft.batch_size, step, cfg.train.seed)
+    prompts = render_prompts(tokenizer, [e.prompt for e in examples], cfg.task.chat_template)
+    device = next(model.parameters()).device
+    batch = sft.sft_batch(tokenizer, prompts, examples, device)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(cfg.train.precision, device):
+        loss = sft.sft_loss(model, batch)
+    loss.backward()
+    grad_norm, probed = clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm, step in cfg.probe.steps)
+    return {
+        "probe": probed,
+        "train/loss": loss.item(),
+        "train/grad_norm": grad_norm,
+        "train/clip_active": float(grad_norm > cfg.optimizer.max_grad_norm > 0),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small helpers the loop reads through
+
+
+def frozen_copy(model: Any) -> Any:
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def step_seed(seed: int, step: int) -> int:
+    return seed * 1_000_003 + step
+
+
+def pick_examples(pool: Any, count: int, step: int, seed: int) -> list[Example]:
+    """The step's examples: consecutive slices of one seeded permutation per epoch of the pool."""
+    n = len(pool)
+    first = (step - 1) * count
+    picked: list[Example] = []
+    for position in range(first, first + count):
+        epoch, offset = divmod(position, n)
+        if offset == 0 or not picked:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+        picked.append(pool[perm[offset]])
+    return picked
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    opt = cfg.optimizer
+    if step <= opt.warmup_steps:
+        return opt.lr * step / opt.warmup_steps
+    if opt.schedule == "cosine":
+        progress = (step - opt.warmup_steps) / max(1, cfg.train.steps - opt.warmup_steps)
+        return opt.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return opt.lr
+
+
+def set_lr(optimizer: Any, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_and_step(model: Any, optimizer: Any, max_norm: float, probe: bool = False) -> tuple[float, Any]:
+    """Clip the global gradient norm (when max_norm > 0) and step. Returns the norm before clipping, and the
+    probe's statistics when `probe` (it reads the clipped gradient and the moments around the step)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    snapshot = Probe(model, optimizer) if probe else None
+    optimizer.step()
+    return float(norm), snapshot.after_step() if snapshot else None
+
+
+def optimizer_metrics(optimizer: Any) -> dict[str, float]:
+    held = state_bytes(optimizer)
+    row = {"optim/lr": optimizer.param_groups[0]["lr"], "optim/state_bytes": float(held.pop("total"))}
+    row |= {f"optim/state_bytes/{k}": float(v) for k, v in held.items()}
+    return row
+
+
+def due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def progress_info(row: dict[str, float]) -> str:
+    parts = [
+        f"{k.split('/')[1]}={row[k]:.3f}"
+        for k in ("train/reward_mean", "train/loss", "eval/accuracy")
+        if k in row
+    ]
+    return " ".join(parts)
+
+
+def progress_bar(cfg: RunConfig) -> Any:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not cfg.log.progress,
+        transient=False,
+    )
