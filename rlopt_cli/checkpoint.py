@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rlopt_cli.errors import RloptError
+from rlopt_cli.kill_points import kill_point
 
 CHECKPOINTS = "checkpoints"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -142,6 +143,7 @@ def save_checkpoint(
         json.dumps({"step": step, "save_dtype": save_dtype, "param_groups": groups}, indent=2, default=list)
         + "\n"
     )
+    kill_point(f"checkpoint-{step}")
     if final.exists():  # re-saving a step after a resume: replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -149,7 +151,10 @@ def save_checkpoint(
 
 
 def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:
-    """Restore fp32 master weights, optimizer state and RNG from a checkpoint; returns its step."""
+    """Restore fp32 master weights, optimizer state and RNG from a checkpoint; returns its step.
+
+    Step 0 holds no optimizer state (it is saved before the first step): the optimizer is left as built, which
+    is exactly the state an uninterrupted run had at that point."""
     import torch
     from safetensors.torch import load_file
 
@@ -159,7 +164,7 @@ def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:
         for name, param in model.named_parameters():
             param.copy_(tensors[f"master.{name}"].to(param.device))
     torch.set_rng_state(tensors["rng.torch"])
-    if optimizer is not None:
+    if optimizer is not None and info["param_groups"]:
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):
