@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import typer
 
-from rlopt_cli.commands._common import OneLineUsageErrors
 from rlopt_cli.commands import demo, eval_cmd, paper_cmd, report_cmd, sparsity_cmd, sweep_cmd, train_cmd
+from rlopt_cli.commands._common import OneLineUsageErrors
 
 app = typer.Typer(
     name="rlopt",

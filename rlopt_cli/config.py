@@ -43,7 +43,9 @@ MAX_EMBEDDED_PARAMS = 1_000_000_000
 def plain_name(name: str) -> bool:
     """A single folder name: no separators, not hidden, not '.' or '..', so every path stays inside --out."""
     separators = ("/", "\\", "\0")
-    return 0 < len(name.encode()) <= 255 and not any(c in name for c in separators) and not name.startswith(".")
+    return (
+        0 < len(name.encode()) <= 255 and not any(c in name for c in separators) and not name.startswith(".")
+    )
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,10 @@ def check_optimizer_args(name: str, args: dict[str, Any]) -> None:
     if betas is not None and not all(0 <= b < 1 for b in betas):
         raise RloptError(f"optimizer.betas = {list(betas)} must each be in [0, 1)")
     # torch checks these only when the optimizer is built, after the run folder exists; `not 0 <= x` catches nan
-    bounds = {"momentum": (0.0, math.inf, "a finite number >= 0"), "eps": (0.0, math.inf, "a finite number > 0")}
+    bounds = {
+        "momentum": (0.0, math.inf, "a finite number >= 0"),
+        "eps": (0.0, math.inf, "a finite number > 0"),
+    }
     bounds["alpha"] = (0.0, 1.0, "in [0, 1]")
     for key, (low, high, what) in bounds.items():
         value = args.get(key)

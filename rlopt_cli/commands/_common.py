@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import typer
@@ -45,11 +45,19 @@ class OneLineUsageErrors(TyperGroup):
     """The command group, with click's usage errors (`--steps 1e9`, a missing argument) as one `error:` line
     and exit 2 like every other error, instead of a usage block and a boxed message."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
+            result = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         except typer.TyperException as err:  # click's usage errors (typer vendors click)
             if type(err).__name__ == "NoArgsIsHelpError":  # `rlopt` alone: typer has printed the help
                 sys.exit(2)
