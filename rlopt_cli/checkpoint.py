@@ -4,6 +4,7 @@
                   meta.json              seed, git sha, package versions, device, start/end time, W&B id
                   metrics.jsonl          one JSON line per step
                   summary.json           written when the run finishes
+                  .lock                  the owner's pid (folder_lock.py)
                   checkpoints/step-NNNNNN/
                       model.safetensors (+ index when sharded), config.json, tokenizer files
                                                   (transformers loads the folder as it is)
@@ -156,10 +157,17 @@ def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:
     Step 0 holds no optimizer state (it is saved before the first step): the optimizer is left as built, which
     is exactly the state an uninterrupted run had at that point."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    info = json.loads((ckpt / "trainer_state.json").read_text())
-    tensors = load_file(str(ckpt / "trainer_state.safetensors"))
+    try:
+        info = json.loads((ckpt / "trainer_state.json").read_text())
+        tensors = load_file(str(ckpt / "trainer_state.safetensors"))
+    except (SafetensorError, ValueError, FileNotFoundError) as err:  # damaged from outside: writes are atomic
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RloptError(
+            f"checkpoint {ckpt} is unreadable ({reason}); move it away to resume from the one before"
+        ) from None
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(tensors[f"master.{name}"].to(param.device))

@@ -277,3 +277,21 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(
         ]
 
     assert deterministic(tmp_path / "a" / name) == deterministic(tmp_path / "b" / name)
+
+
+@pytest.mark.parametrize(
+    ("err", "says"),
+    [(errno.EROFS, "Read-only file system"), (errno.EACCES, "Permission denied")],
+    ids=["read-only", "no-permission"],
+)
+def test_an_unwritable_out_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int, says: str
+) -> None:
+    # tests may run as root, whom chmod does not stop: the OS's refusal is simulated where rlopt meets it
+    def refuse(self: Path, *args, **kwargs) -> None:
+        raise OSError(err, says, str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    line = one_line(runner.invoke(app, ["train", "--out", str(tmp_path / "ro")]), 3)
+    assert says in line and "choose another --out" in line
+    assert not any(tmp_path.iterdir())
