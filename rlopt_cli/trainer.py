@@ -35,7 +35,7 @@ from rlopt_cli.models import check_model_path, load_policy, parameter_count, ren
 from rlopt_cli.optimizers import build_optimizer, state_bytes
 from rlopt_cli.probe import Probe, write_probe
 from rlopt_cli.rollout import Backend, make_backend
-from rlopt_cli.runs import RunState, claim_run, inspect_run, make_folder, summarize, update_meta, write_meta
+from rlopt_cli.runs import claim_run, inspect_run, make_folder, summarize, update_meta, write_meta
 from rlopt_cli.tasks import Example, Task, build_task
 from rlopt_cli.tracking import MetricsFile, NullSink, Sink, WandbSink, read_metrics
 from rlopt_cli.update_fraction import UpdateReference
@@ -58,19 +58,18 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
         check_model_path(cfg.model.name_or_path)
     make_folder(run_dir)
     with FolderLock(run_dir, "run"):
-        state = claim_run(run_dir, cfg)  # again, under the lock: another process may have finished it
-        if state.finished:
+        if inspect_run(run_dir, cfg).finished:  # again, under the lock: another process may have finished it
             say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
         else:
-            kill_point("startup")
-            run_training(cfg, state, device, task, say)
+            run_training(cfg, run_dir, device, task, say)
     return run_dir
 
 
-def run_training(cfg: RunConfig, state: RunState, device: torch.device, task: Task, say: Any) -> None:
-    """The loop, on a claimed and locked run folder."""
-    run_dir = state.run_dir
+def run_training(cfg: RunConfig, run_dir: Path, device: torch.device, task: Task, say: Any) -> None:
+    """The loop, in a locked run folder."""
     model, tokenizer = load_policy(cfg, device, say)
+    state = claim_run(run_dir, cfg)  # only now: a model that fails to load claims nothing
+    kill_point("startup")
     model.train()
     ref_model = frozen_copy(model) if cfg.train.objective == "grpo" and cfg.grpo.beta > 0 else None
     opt = cfg.optimizer

@@ -229,12 +229,20 @@ def test_the_catalog_is_big_enough() -> None:
 @pytest.mark.slow
 def test_a_failed_start_does_not_block_the_fix(tmp_path: Path, tiny_overrides: list[str]) -> None:
     sets = [x for o in tiny_overrides for x in ("--set", o)]
-    named = ["--set", "train.run_name=fix", "--steps", "1", "--out", str(tmp_path)]
+    out = tmp_path / "out"
+    named = ["--set", "train.run_name=fix", "--steps", "1", "--out", str(out)]
     one_line(runner.invoke(app, ["train", *named, *sets, "--set", "task.name=gsm8k"]), 2)
-    assert not any(tmp_path.iterdir())
+    assert not out.exists()
+    # a model that passes the checks (valid safetensors) but fails to load (config.json is not JSON): the run
+    # folder is locked and then left unclaimed
+    broken = Path(model_folder(tmp_path, VALID))
+    (broken / "config.json").write_text("{")
+    line = one_line(runner.invoke(app, ["train", *named, *sets, "--set", f"model.name_or_path={broken}"]), 2)
+    assert "cannot load model" in line
+    assert sorted(p.name for p in (out / "fix").iterdir()) == [".lock"]
     fixed = runner.invoke(app, ["train", *named, *sets])
     assert fixed.exit_code == 0, fixed.output
-    assert (tmp_path / "fix" / "summary.json").is_file()
+    assert (out / "fix" / "summary.json").is_file()
 
 
 @pytest.mark.slow
