@@ -31,12 +31,14 @@ class EnvironmentFailure(RloptError):
 OS_FAILURES = {
     errno.ENOSPC: "free some space",
     errno.EDQUOT: "free some space (disk quota exceeded)",
-    errno.EROFS: "the file system is read-only; choose another --out",
-    errno.EACCES: "no permission; fix the folder's permissions or choose another --out",
-    errno.EPERM: "no permission; fix the folder's permissions or choose another --out",
+    errno.EROFS: "the file system is read-only; choose another --out (or output path)",
+    errno.EACCES: "no permission; fix the permissions or choose another --out (or output path)",
+    errno.EPERM: "no permission; fix the permissions or choose another --out (or output path)",
     errno.EIO: "an I/O error; check the disk",
     errno.ENOENT: "a folder vanished while rlopt used it",
-    errno.ENOTDIR: "a path rlopt writes is a file, not a folder; choose another --out",
+    errno.ENOTDIR: "a path rlopt writes is a file, not a folder; choose another --out (or output path)",
+    errno.EISDIR: "a path rlopt writes is a folder, not a file; choose another output path",
+    errno.ENAMETOOLONG: "a path is too long; choose a shorter --out or run name",
 }
 
 
