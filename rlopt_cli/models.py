@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from rlopt_cli.errors import RloptError
+from rlopt_cli.sparsity_io import read_headers, weight_files
 
 if TYPE_CHECKING:
     import torch
@@ -93,11 +94,8 @@ def check_model_path(path: str | Path) -> Path | None:
         pickles = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
         hint = f" (found pickles {', '.join(pickles)}: convert them to safetensors)" if pickles else ""
         raise RloptError(f"no *.safetensors weights in {p}{hint}")
-    from rlopt_cli.sparsity_io import read_headers, weight_files
-
-    read_headers(
-        weight_files(p)
-    )  # a truncated or corrupt file is a one-line error here, not a traceback later
+    # a truncated or corrupt file is a one-line error here, not a traceback inside transformers later
+    read_headers(weight_files(p))
     return p
 
 
