@@ -31,9 +31,11 @@ def paper(
     from rlopt_cli import paper as study
     from rlopt_cli.commands.sweep_cmd import run_cells
     from rlopt_cli.errors import RloptError
+    from rlopt_cli.folder_lock import FolderLock
     from rlopt_cli.paper_report import write_report
     from rlopt_cli.paper_tables import grid_n_params
     from rlopt_cli.report import build_report
+    from rlopt_cli.runs import make_folder
     from rlopt_cli.sweep_folder import cell_status, check_unchanged, claim_folder
 
     started = time.perf_counter()
@@ -61,19 +63,23 @@ def paper(
                 f"see {stage_dir / 'logs'}, then rerun"
             )
 
-    claim_folder(paper_dir / "grid", grid)
-    run_stage("grid", grid.cells)
-    report = build_report(paper_dir / "grid")
-    base = study.base_config(grid)
-    adamw = {obj: lrs["adamw"] for obj in ("grpo", "sft") if "adamw" in (lrs := study.best_lrs(report, obj))}
-    run_stage("probe", study.probe_cells(base, adamw, steps))
-    rl_best = {k: v for k, v in study.best_lrs(report, "grpo").items() if k in ("sgd", "adamw")}
-    run_stage("scale", study.scale_cells(base, sizes, rl_best))
-    n_params = grid_n_params(report)
-    run_stage("regime", study.regime_cells(base, n_params))
-    _measure_memory(paper_dir, quick)
-    path = write_report(paper_dir)
-    say(f"wrote {path} in {time.perf_counter() - started:.0f} s")
+    make_folder(paper_dir)
+    with FolderLock(paper_dir, "paper"):  # one study per folder; its run folders are locked by their workers
+        claim_folder(paper_dir / "grid", grid)
+        run_stage("grid", grid.cells)
+        report = build_report(paper_dir / "grid")
+        base = study.base_config(grid)
+        adamw = {
+            obj: lrs["adamw"] for obj in ("grpo", "sft") if "adamw" in (lrs := study.best_lrs(report, obj))
+        }
+        run_stage("probe", study.probe_cells(base, adamw, steps))
+        rl_best = {k: v for k, v in study.best_lrs(report, "grpo").items() if k in ("sgd", "adamw")}
+        run_stage("scale", study.scale_cells(base, sizes, rl_best))
+        n_params = grid_n_params(report)
+        run_stage("regime", study.regime_cells(base, n_params))
+        _measure_memory(paper_dir, quick)
+        path = write_report(paper_dir)
+        say(f"wrote {path} in {time.perf_counter() - started:.0f} s")
 
 
 def _measure_memory(paper_dir: Path, quick: bool) -> None:
