@@ -52,9 +52,6 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
         say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
         return run_dir
     device = resolve_device(cfg.train.device)
-    kernels, note = cpu_kernels.check(cfg.train.cpu_isa)
-    if note and device.type == "cpu":
-        say(note)
     torch.manual_seed(cfg.train.seed)
     task = build_task(cfg.task)
     if not cfg.model.is_embedded:
@@ -70,6 +67,9 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
 
 def run_training(cfg: RunConfig, run_dir: Path, device: torch.device, task: Task, say: Any) -> None:
     """The loop, in a locked run folder."""
+    kernels, note = cpu_kernels.check(cfg.train.cpu_isa)
+    if note and device.type == "cpu":
+        say(note)
     model, tokenizer = load_policy(cfg, device, say)
     state = claim_run(run_dir, cfg)  # only now: a model that fails to load claims nothing
     kill_point("startup")
