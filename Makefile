@@ -76,6 +76,7 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff format --check rlopt_cli tests benchmarks
 	$(BIN)/ruff check rlopt_cli tests benchmarks
 	$(BIN)/mypy rlopt_cli
+	$(BIN)/lint-imports
 
 fmt: $(VENV)/.dev
 	$(BIN)/ruff format rlopt_cli tests benchmarks

@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from rlopt_cli.commands import demo, eval_cmd, paper_cmd, report_cmd, sparsity_cmd, sweep_cmd, train_cmd
+from rlopt_cli.commands._common import OneLineUsageErrors
 
 app = typer.Typer(
     name="rlopt",
@@ -16,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineUsageErrors,
 )
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_checkpoint)

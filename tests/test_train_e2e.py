@@ -71,6 +71,7 @@ def test_run_folder_metrics_and_checkpoints(
     run = trainer.train(cfg, tmp_path, quiet)
     assert run == tmp_path / "arithmetic__grpo__adamw__lr0.001__s0"
     assert {p.name for p in run.iterdir()} == {
+        ".lock",  # the owner's pid; the OS lock on it went with the process
         "config.toml",
         "meta.json",
         "metrics.jsonl",

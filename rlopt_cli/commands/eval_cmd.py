@@ -33,6 +33,8 @@ def eval_checkpoint(
 
     if samples < 0 or limit < 0:
         raise RloptError("--samples and --limit must be >= 0")
+    if samples and not (0 < temperature < float("inf")):  # `not 0 < nan` is true: nan is refused too
+        raise RloptError(f"--temperature {temperature} must be a finite number > 0 when sampling (--samples)")
     ckpt = resolve_checkpoint(checkpoint, step)
     data = read_toml(ckpt / "rlopt.toml") if (ckpt / "rlopt.toml").is_file() else {}
     data = {k: v for k, v in data.items() if k in ("task", "rollout", "grpo", "train")}

@@ -30,6 +30,7 @@ def paper(
     """Run the grid, probe, scale and step-size-regime runs, then write results/<name>/REPORT.md."""
     from rlopt_cli.commands.sweep_cmd import run_cells
     from rlopt_cli.errors import RloptError
+    from rlopt_cli.runtime.folder_lock import FolderLock, make_folder
     from rlopt_cli.study import paper as study
     from rlopt_cli.study.paper_report import write_report
     from rlopt_cli.study.paper_tables import grid_n_params
@@ -61,19 +62,23 @@ def paper(
                 f"see {stage_dir / 'logs'}, then rerun"
             )
 
-    claim_folder(paper_dir / "grid", grid)
-    run_stage("grid", grid.cells)
-    report = build_report(paper_dir / "grid")
-    base = study.base_config(grid)
-    adamw = {obj: lrs["adamw"] for obj in ("grpo", "sft") if "adamw" in (lrs := study.best_lrs(report, obj))}
-    run_stage("probe", study.probe_cells(base, adamw, steps))
-    rl_best = {k: v for k, v in study.best_lrs(report, "grpo").items() if k in ("sgd", "adamw")}
-    run_stage("scale", study.scale_cells(base, sizes, rl_best))
-    n_params = grid_n_params(report)
-    run_stage("regime", study.regime_cells(base, n_params))
-    _measure_memory(paper_dir, quick)
-    path = write_report(paper_dir)
-    say(f"wrote {path} in {time.perf_counter() - started:.0f} s")
+    make_folder(paper_dir)
+    with FolderLock(paper_dir, "paper"):  # one study per folder; its run folders are locked by their workers
+        claim_folder(paper_dir / "grid", grid)
+        run_stage("grid", grid.cells)
+        report = build_report(paper_dir / "grid")
+        base = study.base_config(grid)
+        adamw = {
+            obj: lrs["adamw"] for obj in ("grpo", "sft") if "adamw" in (lrs := study.best_lrs(report, obj))
+        }
+        run_stage("probe", study.probe_cells(base, adamw, steps))
+        rl_best = {k: v for k, v in study.best_lrs(report, "grpo").items() if k in ("sgd", "adamw")}
+        run_stage("scale", study.scale_cells(base, sizes, rl_best))
+        n_params = grid_n_params(report)
+        run_stage("regime", study.regime_cells(base, n_params))
+        _measure_memory(paper_dir, quick)
+        path = write_report(paper_dir)
+        say(f"wrote {path} in {time.perf_counter() - started:.0f} s")
 
 
 def _measure_memory(paper_dir: Path, quick: bool) -> None:

@@ -22,9 +22,14 @@ def sweep(
 ) -> None:
     """Run every unfinished cell of a sweep (finished ones are skipped, partial ones resume), then report."""
     from rlopt_cli.errors import RloptError
-    from rlopt_cli.study.sweep import load_sweep, select
-    from rlopt_cli.study.sweep_folder import cell_status, check_unchanged, claim_folder
+    from rlopt_cli.runtime.folder_lock import FolderLock, make_folder
+    from rlopt_cli.study.sweep import LAUNCHER_NAMES, load_sweep, select
+    from rlopt_cli.study.sweep_folder import cell_status, check_folder, check_unchanged, claim_folder
 
+    if workers is not None and workers < 1:
+        raise RloptError(f"--workers {workers} must be >= 1")
+    if launcher is not None and launcher not in LAUNCHER_NAMES:
+        raise RloptError(f"--launcher {launcher!r} is not one of {', '.join(LAUNCHER_NAMES)}")
     plan = load_sweep(file)
     cells = select(plan.cells, only)
     sweep_dir = out / plan.settings.name
@@ -37,10 +42,27 @@ def sweep(
         return
     if not cells:
         raise RloptError(f"--only {' '.join(only)} matches no cell of {file}")
-    claim_folder(sweep_dir, plan)
+    check_folder(sweep_dir, plan)  # before the folder is created or locked: a refused sweep leaves no trace
     pin_cpu_kernels(
         cells[0].config.train.cpu_isa
     )  # workers inherit it; each also pins its own cell's setting
+    make_folder(sweep_dir)
+    with FolderLock(sweep_dir, "sweep"):  # one sweep per folder; its workers die with it (launchers.py)
+        claim_folder(sweep_dir, plan)
+        statuses = {c.name: cell_status(sweep_dir, c) for c in cells}  # again: it may have changed meanwhile
+        run_locked(plan, cells, statuses, sweep_dir, launcher, workers)
+
+
+def run_locked(
+    plan: Any,
+    cells: list[Any],
+    statuses: dict[str, str],
+    sweep_dir: Path,
+    launcher: str | None,
+    workers: int | None,
+) -> None:
+    from rlopt_cli.errors import RloptError
+
     todo = [c for c in cells if statuses[c.name] != "done"]
     name = launcher or plan.settings.launcher
     n_workers = workers or plan.settings.workers
@@ -106,8 +128,10 @@ class SweepDisplay:
         self.best: dict[tuple[str, str], tuple[float, str]] = {}
         for cell in cells:  # cells finished by an earlier invocation count from the start
             summary_path = sweep_dir / cell.name / "summary.json"
-            if summary_path.is_file():
+            try:
                 self.note(cell.name, json.loads(summary_path.read_text()))
+            except (OSError, ValueError, KeyError, TypeError):  # none yet, or corrupt: the report says which
+                pass
 
     def note(self, name: str, summary: dict[str, Any]) -> None:
         key, acc = self.variant[name], float(summary["final_accuracy"])

@@ -11,6 +11,7 @@ adamw 8 (exp_avg + exp_avg_sq).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,18 @@ def check_optimizer_args(name: str, args: dict[str, Any]) -> None:
     betas = args.get("betas")
     if betas is not None and not all(0 <= b < 1 for b in betas):
         raise RloptError(f"optimizer.betas = {list(betas)} must each be in [0, 1)")
+    # torch checks these only when the optimizer is built, after the run folder exists; `not 0 <= x` catches nan
+    bounds = {
+        "momentum": (0.0, math.inf, "a finite number >= 0"),
+        "eps": (0.0, math.inf, "a finite number > 0"),
+    }
+    bounds["alpha"] = (0.0, 1.0, "in [0, 1]")
+    for key, (low, high, what) in bounds.items():
+        value = args.get(key)
+        if value is None:
+            continue
+        if not (low <= value <= high and math.isfinite(value)) or (key == "eps" and value == 0):
+            raise RloptError(f"optimizer.{key} = {value} must be {what}")
 
 
 def resolved_args(name: str, args: dict[str, Any]) -> dict[str, Any]:

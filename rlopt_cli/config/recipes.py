@@ -111,6 +111,8 @@ def to_toml(cfg: RunConfig) -> str:
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Parse a TOML file; a missing file or a syntax error is a one-line error with the line number."""
     path = Path(path)
+    if path.is_dir():
+        raise RloptError(f"{path} is a folder; give a recipe file, e.g. recipes/default.toml")
     if not path.is_file():
         raise RloptError(f"recipe not found: {path} (check the path; recipes live in recipes/)")
     try:

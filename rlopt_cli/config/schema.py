@@ -7,6 +7,7 @@ mutates a config after it is built; derived values are properties. This module i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +31,22 @@ def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
 
 
 def _positive(value: float, key: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    # `not value >= 0` is also true for nan; inf passes every bound but trains nothing, so it is refused too
+    if not math.isfinite(value) or not value >= 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise RloptError(f"{key} = {value} must be {bound}")
+        raise RloptError(f"{key} = {value} must be a finite number {bound}")
+
+
+# The embedded model is for small, fast studies; past this it would take hours to warm up or exhaust memory.
+MAX_EMBEDDED_PARAMS = 1_000_000_000
+
+
+def plain_name(name: str) -> bool:
+    """A single folder name: no separators, not hidden, not '.' or '..', so every path stays inside --out."""
+    separators = ("/", "\\", "\0")
+    return (
+        0 < len(name.encode()) <= 255 and not any(c in name for c in separators) and not name.startswith(".")
+    )
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,18 @@ class ModelConfig:
             raise RloptError(
                 f"model.hidden_size = {self.hidden_size} must be divisible by model.num_heads = {self.num_heads}"
             )
+        if self.is_embedded and self.embedded_params > MAX_EMBEDDED_PARAMS:
+            raise RloptError(
+                f"model.hidden_size/intermediate_size/num_layers make an embedded model of "
+                f"~{self.embedded_params:.2g} parameters (at most {MAX_EMBEDDED_PARAMS:.0e}); for a big model set "
+                "model.name_or_path to a Hugging Face folder"
+            )
+
+    @property
+    def embedded_params(self) -> int:
+        """About how many parameters the embedded model has (attention + MLP per layer; embeddings are small)."""
+        h, i = self.hidden_size, self.intermediate_size
+        return self.num_layers * (4 * h * h + 3 * h * i) + 2 * 64 * h
 
     @property
     def is_embedded(self) -> bool:
@@ -218,7 +244,7 @@ class OptimizerConfig:
                 f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}"
                 f"{close_matches(self.name, OPTIMIZERS)}"
             )
-        if not self.lr > 0:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
             raise RloptError(f"optimizer.lr = {self.lr} must be a positive number, e.g. --lr 0.01")
         _positive(self.weight_decay, "optimizer.weight_decay", allow_zero=True)
         _positive(self.max_grad_norm, "optimizer.max_grad_norm", allow_zero=True)
@@ -310,6 +336,8 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """Every section of a run. The run name becomes a folder under --out, so it must be a plain name."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
@@ -319,6 +347,13 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     log: LogConfig = field(default_factory=LogConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def __post_init__(self) -> None:
+        if not plain_name(self.run_name):
+            raise RloptError(
+                f"run name {self.run_name!r} must be a plain folder name (no '/', not starting with '.'); "
+                "set train.run_name=NAME (folders go under --out)"
+            )
 
     @property
     def run_name(self) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from rlopt_cli.errors import RloptError
+from rlopt_cli.models.safetensors_files import read_headers, weight_files
 
 if TYPE_CHECKING:
     import torch
@@ -111,6 +112,8 @@ def check_model_path(path: str | Path) -> Path | None:
         pickles = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
         hint = f" (found pickles {', '.join(pickles)}: convert them to safetensors)" if pickles else ""
         raise RloptError(f"no *.safetensors weights in {p}{hint}")
+    # a truncated or corrupt file is a one-line error here, not a traceback inside transformers later
+    read_headers(weight_files(p))
     return p
 
 
@@ -132,8 +135,9 @@ def load_pretrained(path: str | Path, device: torch.device) -> tuple[Any, PreTra
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
-    except OSError as err:
-        raise RloptError(f"cannot load model {path}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError) as err:  # a missing or malformed config.json / tokenizer file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RloptError(f"cannot load model {path}: {reason}") from None
     if tokenizer.pad_token is None:  # many base models ship without one; generation needs it
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

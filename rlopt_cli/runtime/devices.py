@@ -17,9 +17,17 @@ from rlopt_cli.errors import RloptError
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RloptError(f"train.device = {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise RloptError(f"train.device = {name!r} but no CUDA device is available; use train.device=cpu")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RloptError(f"train.device = {name!r} but there are {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise RloptError(f"train.device = {name!r}: rlopt trains on cpu or cuda[:N]")
+    return device
 
 
 def autocast(precision: str, device: torch.device) -> Any:

@@ -12,12 +12,15 @@ counts a cell as running from the moment the pool hands it to a worker process.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import functools
 import importlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,13 +89,34 @@ def cpu_count() -> int:
 # local: a process pool
 
 
+def die_with_parent(parent: int) -> None:
+    """Pool initializer: the worker is killed when the sweep process dies, even by kill -9, so no orphan goes on
+    training (and holding its run folder). Linux: the kernel's parent-death signal; elsewhere a watchdog thread."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    else:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
 def launch_local(jobs: list[Job], settings: Any, workers: int, on_finish: OnFinish, on_tick: OnTick) -> None:
     """Each cell in its own spawned process, `workers` at a time. Spawn: no forked torch/OpenMP state. One
     cell per process (max_tasks_per_child=1): peak memory is the process's high-water mark (ru_maxrss), which a
-    reused worker would carry over from its previous cell; it costs ~3 s of imports per cell."""
+    reused worker would carry over from its previous cell; it costs ~3 s of imports per cell. Workers die with
+    the sweep process (`die_with_parent`)."""
     ctx = multiprocessing.get_context("spawn")
     one_each: dict[str, Any] = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, **one_each) as pool:
+    with cf.ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),), **one_each
+    ) as pool:
         futures = {pool.submit(run_cell, job): job.name for job in jobs}
         pending = set(futures)
         try:

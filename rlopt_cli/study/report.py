@@ -149,7 +149,14 @@ def load_runs(folder: Path) -> tuple[list[dict[str, Any]], int]:
         if not (run_dir / "summary.json").is_file():
             unfinished += 1
             continue
-        summary = json.loads((run_dir / "summary.json").read_text())
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (ValueError, OSError) as err:
+            raise RloptError(
+                f"{run_dir / 'summary.json'} is unreadable ({err}); delete it and rerun the run to rewrite it"
+            ) from None
+        if not isinstance(summary, dict):
+            raise RloptError(f"{run_dir / 'summary.json'} is not a JSON object; delete it and rerun the run")
         config = _with_defaults(read_toml(config_path))
         record = {
             "objective": config.get("train", {}).get("objective", summary.get("objective")),

@@ -304,7 +304,10 @@ def run_name(template: str, names: dict[str, Any], varying: dict[str, Any]) -> s
 
 
 def _short(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value).lower()
+    # a path-valued axis (e.g. task.train_file) must not turn the cell's folder name into a path
+    return (
+        f"{value:g}" if isinstance(value, float) else str(value).lower().replace("/", "_").replace("\\", "_")
+    )
 
 
 def _check_unique(cells: list[Cell]) -> None:

@@ -47,8 +47,8 @@ def check_unchanged(sweep_dir: Path, cells: list[Cell]) -> None:
             )
 
 
-def claim_folder(sweep_dir: Path, sweep: Sweep) -> None:
-    """Check that sweep_dir holds this sweep (or nothing), then save the resolved sweep file in it."""
+def check_folder(sweep_dir: Path, sweep: Sweep) -> None:
+    """Refuse a folder that holds another sweep, or a cell of this one with a changed config; writes nothing."""
     saved = sweep_dir / SWEEP_FILE
     if saved.is_file():
         other = read_toml(saved).get("sweep", {}).get("name")
@@ -58,5 +58,11 @@ def claim_folder(sweep_dir: Path, sweep: Sweep) -> None:
                 "choose another --out or rename the sweep"
             )
     check_unchanged(sweep_dir, sweep.cells)
+
+
+def claim_folder(sweep_dir: Path, sweep: Sweep) -> None:
+    """Check that sweep_dir holds this sweep (or nothing), then save the resolved sweep file in it."""
+    check_folder(sweep_dir, sweep)
+    saved = sweep_dir / SWEEP_FILE
     header = f"# resolved sweep file of {sweep.settings.name!r}: rerun with `rlopt sweep {saved}`\n"
     atomic_write_text(saved, header + tomli_w.dumps(sweep.resolved))

@@ -76,6 +76,17 @@ def field(row: Mapping[str, Any], dotted: str) -> Any:
     return value
 
 
+def required(row: Mapping[str, Any], dotted: str) -> str:
+    """A column every row needs, as text; a row without it (JSONL rows may omit keys: they read as null) is a
+    one-line error naming the column, not a confusing 'None' further on."""
+    value = field(row, dotted)
+    if value is None:
+        raise RloptError(
+            f"a row has no {dotted!r} (or it is null): {str(dict(row))[:80]!r}; every row needs it"
+        )
+    return str(value)
+
+
 def prompt_text(prompt: Any) -> str:
     """verl's `prompt`: a chat list (the last user turn's content is the prompt) or a plain string."""
     if isinstance(prompt, str):

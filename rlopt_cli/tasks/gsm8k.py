@@ -21,7 +21,7 @@ from typing import Any
 from rlopt_cli.config.schema import TaskConfig
 from rlopt_cli.errors import RloptError
 from rlopt_cli.tasks import Example, Task
-from rlopt_cli.tasks.files import field, load_split, prompt_text
+from rlopt_cli.tasks.files import field, load_split, prompt_text, required
 
 PROMPT_SUFFIX = 'Let\'s think step by step and output the final answer after "####".'
 FORMATS = {"gsm8k": ("question", "answer"), "verl": ("prompt", "reward_model")}
@@ -79,8 +79,8 @@ def with_suffix(question: str) -> str:
 
 def to_example(row: dict[str, Any], fmt: str) -> Example:
     if fmt == "gsm8k":
-        solution = str(row["answer"])
-        return Example(with_suffix(str(row["question"])), gold_from_solution(solution), solution)
+        solution = required(row, "answer")
+        return Example(with_suffix(required(row, "question")), gold_from_solution(solution), solution)
     truth = field(row, "reward_model.ground_truth")
     if truth is None:
         raise RloptError(f"verl row without reward_model.ground_truth: {str(row)[:80]!r}")

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from rlopt_cli.config.schema import TaskConfig
 from rlopt_cli.errors import RloptError
 from rlopt_cli.tasks import Example, Task
-from rlopt_cli.tasks.files import field, load_split, prompt_text
+from rlopt_cli.tasks.files import field, load_split, prompt_text, required
 
 PROMPT_SUFFIX = "Let's think step by step and output the final answer within \\boxed{}."
 FORMATS = {
@@ -126,7 +126,7 @@ def to_example(row: dict[str, Any], fmt: str) -> Example | None:
         solution = field(row, "extra_info.answer") or field(row, "extra_info.solution")
         prompt = prompt_text(row["prompt"])
     else:
-        prompt = str(row["problem"])
+        prompt = required(row, "problem")
         solution = row.get("solution")
         gold = row["answer"] if fmt == "math500" else last_boxed(str(solution))
     if gold is None:

@@ -4,6 +4,7 @@
                   meta.json              seed, git sha, package versions, device, start/end time, W&B id
                   metrics.jsonl          one JSON line per step
                   summary.json           written when the run finishes
+                  .lock                  the owner's pid (folder_lock.py)
                   checkpoints/step-NNNNNN/
                       model.safetensors (+ index when sharded), config.json, tokenizer files
                                                   (transformers loads the folder as it is)
@@ -26,6 +27,7 @@ from typing import Any
 
 from rlopt_cli.errors import RloptError
 from rlopt_cli.models.loading import PICKLE_SUFFIXES, mark_saved_dtype, refuse_pickle
+from rlopt_cli.runtime.kill_points import kill_point
 
 CHECKPOINTS = "checkpoints"
 
@@ -115,6 +117,7 @@ def save_checkpoint(
         json.dumps({"step": step, "save_dtype": save_dtype, "param_groups": groups}, indent=2, default=list)
         + "\n"
     )
+    kill_point(f"checkpoint-{step}")
     if final.exists():  # re-saving a step after a resume: replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -122,17 +125,27 @@ def save_checkpoint(
 
 
 def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:
-    """Restore fp32 master weights, optimizer state and RNG from a checkpoint; returns its step."""
+    """Restore fp32 master weights, optimizer state and RNG from a checkpoint; returns its step.
+
+    Step 0 holds no optimizer state (it is saved before the first step): the optimizer is left as built, which
+    is exactly the state an uninterrupted run had at that point."""
     import torch  # heavy: imported on use
+    from safetensors import SafetensorError  # heavy: imported on use
     from safetensors.torch import load_file  # heavy: imported on use
 
-    info = json.loads((ckpt / "trainer_state.json").read_text())
-    tensors = load_file(str(ckpt / "trainer_state.safetensors"))
+    try:
+        info = json.loads((ckpt / "trainer_state.json").read_text())
+        tensors = load_file(str(ckpt / "trainer_state.safetensors"))
+    except (SafetensorError, ValueError, FileNotFoundError) as err:  # damaged from outside: writes are atomic
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RloptError(
+            f"checkpoint {ckpt} is unreadable ({reason}); move it away to resume from the one before"
+        ) from None
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(tensors[f"master.{name}"].to(param.device))
     torch.set_rng_state(tensors["rng.torch"])
-    if optimizer is not None:
+    if optimizer is not None and info["param_groups"]:
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):

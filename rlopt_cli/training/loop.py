@@ -29,36 +29,55 @@ from rlopt_cli.algo.optimizers import build_optimizer, state_bytes
 from rlopt_cli.algo.probe import Probe, write_probe
 from rlopt_cli.config.recipes import to_dict, to_toml
 from rlopt_cli.config.schema import RunConfig
-from rlopt_cli.models.loading import load_policy, parameter_count, render_prompts
+from rlopt_cli.models.loading import check_model_path, load_policy, parameter_count, render_prompts
 from rlopt_cli.rollout import Backend, make_backend
 from rlopt_cli.runtime import cpu_kernels
 from rlopt_cli.runtime.atomic_files import atomic_write_json
 from rlopt_cli.runtime.devices import autocast, peak_memory_bytes, resolve_device
+from rlopt_cli.runtime.folder_lock import FolderLock, make_folder
+from rlopt_cli.runtime.kill_points import kill_point
 from rlopt_cli.tasks import Example, Task, build_task
 from rlopt_cli.training.checkpoint import load_trainer_state, save_checkpoint, step_dir
 from rlopt_cli.training.evaluation import evaluate
-from rlopt_cli.training.run_folder import open_run, summarize, update_meta, write_meta
+from rlopt_cli.training.run_folder import claim_run, inspect_run, summarize, update_meta, write_meta
 from rlopt_cli.training.tracking import MetricsFile, NullSink, Sink, WandbSink, read_metrics
 from rlopt_cli.training.update_fraction import UpdateReference
 from rlopt_cli.training.warmup import warm_start
 
 
 def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> Path:
-    """Run (or resume, or skip if finished) one training run; returns its folder."""
-    state = open_run(Path(out_dir) / cfg.run_name, cfg)
-    run_dir = state.run_dir
-    if state.finished:
+    """Run (or resume, or skip if finished) one training run; returns its folder.
+
+    Everything that can be checked is checked before the folder is touched (config, device, task files, model
+    path, --out), then the folder is locked for this process and claimed; a kill at any moment after that
+    resumes exactly, from the last complete checkpoint (step 0 included)."""
+    run_dir = Path(out_dir) / cfg.run_name
+    if inspect_run(run_dir, cfg).finished:
         say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
         return run_dir
-
     device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    task = build_task(cfg.task)
+    if not cfg.model.is_embedded:
+        check_model_path(cfg.model.name_or_path)
+    make_folder(run_dir)
+    with FolderLock(run_dir, "run"):
+        if inspect_run(run_dir, cfg).finished:  # again, under the lock: another process may have finished it
+            say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
+        else:
+            run_training(cfg, run_dir, device, task, say)
+    return run_dir
+
+
+def run_training(cfg: RunConfig, run_dir: Path, device: torch.device, task: Task, say: Any) -> None:
+    """The loop, in a locked run folder."""
     kernels, note = cpu_kernels.check(cfg.train.cpu_isa)
     if note and device.type == "cpu":
         say(note)
-    torch.manual_seed(cfg.train.seed)
-    task = build_task(cfg.task)
     # The embedded model's warm-up is a stage of its own: an SFT run of this same loop, cached, before loading.
     model, tokenizer = load_policy(cfg, device, warm_start(cfg, train, say))
+    state = claim_run(run_dir, cfg)  # only now: a model that fails to load claims nothing
+    kill_point("startup")
     model.train()
     ref_model = frozen_copy(model) if cfg.train.objective == "grpo" and cfg.grpo.beta > 0 else None
     opt = cfg.optimizer
@@ -70,12 +89,13 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
     if state.resume_from is None:  # step 0: the starting weights are the sparsity reference
         save_checkpoint(run_dir, 0, model, tokenizer, None, config_toml, cfg.train.save_dtype)
         start_step = 0
-    else:
+    else:  # from step 0 this restores the starting weights and RNG, and the optimizer starts fresh as it did
         start_step = load_trainer_state(state.resume_from, model, optimizer)
         backend.sync_weights(model)
         say(f"resuming {run_dir.name} from step {start_step}")
     reference = UpdateReference.from_file(step_dir(run_dir, 0), model, save_dtype)
-    metrics_file = MetricsFile(run_dir, start_step)
+    # rows after the resumed checkpoint are redone; from step 0 that includes the initial eval
+    metrics_file = MetricsFile(run_dir, start_step if start_step > 0 else -1)
     elapsed = (read_metrics(run_dir) or [{}])[-1].get("time/elapsed_s", 0.0)
     meta = write_meta(
         run_dir,
@@ -107,6 +127,7 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
         initial = run_eval()
         metrics_file.log(initial, 0)
         sink.log(initial, 0)
+        kill_point("step-0")
     with progress_bar(cfg) as progress:
         bar = progress.add_task(cfg.run_name, total=cfg.train.steps, completed=start_step, info="")
         for step in range(start_step + 1, cfg.train.steps + 1):
@@ -129,6 +150,7 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
             row["mem/peak_bytes"] = peak_memory_bytes(device)
             metrics_file.log(row, step)
             sink.log(row, step)
+            kill_point(f"step-{step}")
             if due(step, cfg.train.checkpoint_every, cfg.train.steps):
                 save_checkpoint(run_dir, step, model, tokenizer, optimizer, config_toml, cfg.train.save_dtype)
             progress.update(bar, completed=step, info=progress_info(row))
@@ -138,7 +160,6 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
     sink.finish(summary)
     update_meta(run_dir, finished=True)
     atomic_write_json(run_dir / "summary.json", summary)
-    return run_dir
 
 
 def grpo_step(

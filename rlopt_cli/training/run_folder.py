@@ -2,7 +2,8 @@
 
 A run folder is claimed by its resolved config: reopening it with a different config is an error, never an
 overwrite. A finished run (summary.json present) is left alone; an unfinished one resumes from its last
-checkpoint.
+checkpoint. The config is written only once the run has been validated and its folder locked (folder_lock.py),
+so a start that fails leaves nothing that blocks the corrected command.
 """
 
 from __future__ import annotations
@@ -36,28 +37,33 @@ class RunState:
     """Last complete checkpoint of an unfinished run, None for a fresh run."""
 
 
-def open_run(run_dir: Path, cfg: RunConfig) -> RunState:
-    """Claim `run_dir` for `cfg`, or reopen it if it already holds the same config."""
+def inspect_run(run_dir: Path, cfg: RunConfig) -> RunState:
+    """What `run_dir` holds for `cfg`, without writing anything: refuses a folder claimed by another config."""
     config_path = run_dir / "config.toml"
-    if config_path.is_file():
-        try:
-            old = to_dict(from_dict(read_toml(config_path)))
-        except RloptError as err:
-            raise RloptError(
-                f"{run_dir} holds an unreadable config.toml ({err}); move the folder away"
-            ) from None
-        diff = first_difference(old, to_dict(cfg))
-        if diff:
-            raise RloptError(
-                f"{run_dir} already holds a run with a different config ({diff}); "
-                "choose another --out or set train.run_name"
-            )
-        finished = (run_dir / "summary.json").is_file()
-        ckpts = list_checkpoints(run_dir)
-        return RunState(run_dir, finished, ckpts[-1] if ckpts and not finished else None)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_path, to_toml(cfg))
-    return RunState(run_dir, False, None)
+    if not config_path.is_file():
+        return RunState(run_dir, False, None)
+    try:
+        old = to_dict(from_dict(read_toml(config_path)))
+    except RloptError as err:
+        raise RloptError(f"{run_dir} holds an unreadable config.toml ({err}); move the folder away") from None
+    diff = first_difference(old, to_dict(cfg))
+    if diff:
+        raise RloptError(
+            f"{run_dir} already holds a run with a different config ({diff}); "
+            "choose another --out or set train.run_name"
+        )
+    finished = (run_dir / "summary.json").is_file()
+    ckpts = list_checkpoints(run_dir)
+    return RunState(run_dir, finished, ckpts[-1] if ckpts and not finished else None)
+
+
+def claim_run(run_dir: Path, cfg: RunConfig) -> RunState:
+    """Claim `run_dir` for `cfg` (write config.toml), or reopen it if it holds the same config. Called with the
+    folder's lock held and after everything that can be validated was, so a failed start claims nothing."""
+    state = inspect_run(run_dir, cfg)
+    if not (run_dir / "config.toml").is_file():
+        atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+    return state
 
 
 def git_sha() -> str:
