@@ -1,4 +1,4 @@
-"""What pinning the CPU kernels costs (train.cpu_isa, rlopt_cli/cpu_kernels.py): pinned vs native, side by side.
+"""What pinning the CPU kernels costs (train.cpu_isa, rlopt_cli/runtime/cpu_kernels.py): pinned vs native, side by side.
 
 Two measurements, each side in its own process with the same command but `--set train.cpu_isa=...`:
 - `rlopt demo` wall time (empty warm-up cache each, so the warm-up's SFT is included), avx2 vs native;

@@ -3,7 +3,7 @@
 Each optimizer runs in its own fresh process: build a Qwen2 model from a config (random init, fp32, CPU), one
 forward/backward on a small batch (so activations stay far below the optimizer state), one optimizer step built
 by rlopt's `build_optimizer`, then read the process's peak RSS (VmHWM). The measurement itself lives in
-rlopt_cli/memory.py, which `rlopt paper` uses too. The peak above SGD's is the
+rlopt_cli/training/memory.py, which `rlopt paper` uses too. The peak above SGD's is the
 optimizer's cost; it is compared with the textbook fp32 state (AdamW 8 bytes per parameter, SGD+momentum 4,
 RMSProp 4) and with rlopt's own `state_bytes` accounting. Target: measured >= 0.9 of the expected saving.
 

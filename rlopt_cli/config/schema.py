@@ -280,7 +280,7 @@ class TrainConfig:
     run_name: str = ""
     """Folder name under the output dir; empty = derived from task, objective, optimizer, lr and seed."""
     cpu_isa: str = "avx2"
-    """CPU kernels' instruction set (rlopt_cli/cpu_kernels.py): avx2 gives the same numbers on every x86-64 CPU
+    """CPU kernels' instruction set (rlopt_cli/runtime/cpu_kernels.py): avx2 gives the same numbers on every x86-64 CPU
     with AVX2, with or without AVX-512; avx512, baseline, or native (torch picks, numbers vary by CPU)."""
 
     def __post_init__(self) -> None:
