@@ -303,3 +303,16 @@ def test_an_unwritable_out_is_one_line(
     line = one_line(runner.invoke(app, ["train", "--out", str(tmp_path / "ro")]), 3)
     assert says in line and "choose another --out" in line
     assert not any(tmp_path.iterdir())
+
+
+def test_a_damaged_run_record_is_one_line(tmp_path: Path) -> None:
+    from rlopt_cli.errors import RloptError
+    from rlopt_cli.training.run_folder import read_json
+
+    (tmp_path / "meta.json").write_text('{"seed": 0, "sess')
+    (tmp_path / "list.json").write_text("[1, 2]\n")
+    for name in ("meta.json", "list.json"):
+        with pytest.raises(RloptError, match="is damaged") as err:
+            read_json(tmp_path / name)
+        assert "\n" not in str(err.value)
+    assert read_json(tmp_path / "absent.json") == {}

@@ -87,7 +87,16 @@ def package_versions() -> dict[str, str]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A run folder's JSON record ({} when absent); a damaged one is a one-line error, never a traceback."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RloptError(f"{path} is damaged ({err}); move it away and rerun (it is rewritten)") from None
+    if not isinstance(data, dict):
+        raise RloptError(f"{path} is damaged (not a JSON object); move it away and rerun (it is rewritten)")
+    return data
 
 
 def write_meta(
