@@ -11,8 +11,8 @@ Stages (each an independent, resumable set of run folders under results/paper/):
 4. regime/   SGD and AdamW with the per-coordinate step of the paper's 1.7B runs (claim 9): with clipping always
              active SGD moves each coordinate by about lr / sqrt(n), so lr = 0.1 * sqrt(n / 1.7e9) matches the
              paper's SGD; AdamW's step is about lr whatever n, so its paper lr 1e-6 is used as it is.
-`--quick` keeps one selection seed, each optimizer's two central learning rates, 2 + 2 verdict seeds, and the
-two smallest widths. The verdict seeds and sets are fixed here, before any run (see paper_stats for the rules).
+`--quick` keeps one selection seed, SGD's and AdamW's two central learning rates, verdict sets of 2 seeds, and
+the two smallest widths. The verdict seeds and sets are fixed here, before any run (see paper_stats for the rules).
 """
 
 from __future__ import annotations
@@ -80,9 +80,11 @@ def grid_sweep(recipe: Path, quick: bool, overrides: list[str]) -> Sweep:
     resolved = copy.deepcopy(load_sweep(recipe).resolved)
     for item in overrides:
         set_dotted(resolved, *parse_override(item))
-    if quick:
-        resolved["grid"]["seeds"] = resolved["grid"].get("seeds", [0])[:1]
-        for spec in resolved["grid"]["optimizers"].values():
+    if quick:  # the verdict's optimizers only: the others are in no claim, and each run costs seconds here
+        grid = resolved["grid"]
+        grid["seeds"] = grid.get("seeds", [0])[:1]
+        grid["optimizers"] = {k: v for k, v in grid["optimizers"].items() if k in VERDICT_OPTIMIZERS}
+        for spec in grid["optimizers"].values():
             spec["lr"] = central(spec["lr"])
     return expand(resolved, where=str(recipe))
 

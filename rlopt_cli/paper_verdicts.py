@@ -67,6 +67,11 @@ def load_verdict_runs(verdict_dir: Path) -> dict[str, Any]:
     for r in records:
         r["init_seed"] = int(r.pop("_config").get("model.init_seed", 0))
     runs = pd.DataFrame(records)
+    if not runs.empty:  # only the plan's lrs: runs left over from an earlier selection are not read
+        chosen = [
+            plan["lrs"].get(o, {}).get(opt) for o, opt in zip(runs.objective, runs.optimizer, strict=True)
+        ]
+        runs = runs[[lr == c for lr, c in zip(runs.lr, chosen, strict=True)]]
     out: dict[str, Any] = {}
     for s in plan["sets"]:
         if runs.empty:

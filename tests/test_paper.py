@@ -199,9 +199,9 @@ def test_paper_quick_writes_the_report_from_run_folders(
         "select/update_fraction.png",
     ):
         assert (root / figure).stat().st_size > 1000, figure
-    # quick: selection 4 optimizers x 2 lrs x 2 objectives x 1 seed; verdict 2 objectives x SGD/AdamW x
+    # quick: selection SGD/AdamW x 2 lrs x 2 objectives x 1 seed; verdict 2 objectives x SGD/AdamW x
     # (sets A, B and A' of 2 seeds each), AdamW with the probe; 2 widths x 2 optimizers; 2 regime runs
-    assert len(list((root / "select").glob("*/summary.json"))) == 16
+    assert len(list((root / "select").glob("*/summary.json"))) == 8
     assert len(list((root / "verdict").glob("*/summary.json"))) == 24
     assert len(list((root / "verdict").glob("*__adamw__*/probe/step-000002.json"))) == 12
     assert len(list((root / "scale").glob("*/summary.json"))) == 4
@@ -240,5 +240,5 @@ def test_paper_quick_writes_the_report_from_run_folders(
     # rerunning resumes: every run is done, only the report is rewritten
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0
-    assert "select: 16 of 16 runs done; running 0" in again.output
+    assert "select: 8 of 8 runs done; running 0" in again.output
     assert "verdict: 24 of 24 runs done; running 0" in again.output

@@ -16,7 +16,7 @@ def paper(
     quick: bool = typer.Option(
         False,
         "--quick",
-        help="One selection seed, two lrs per optimizer, 2+2 verdict seeds, two widths: a smoke run.",
+        help="One selection seed, SGD and AdamW at two lrs, 2 seeds per verdict set, two widths: a smoke run.",
     ),
     recipe: Path = typer.Option(Path("recipes/paper.toml"), "--grid", help="The study's sweep file."),
     out: Path = typer.Option(Path("results"), "--out", "-o", help="Folder that holds results/<name>/."),
