@@ -242,3 +242,40 @@ def test_paper_quick_writes_the_report_from_run_folders(
     assert again.exit_code == 0
     assert "select: 8 of 8 runs done; running 0" in again.output
     assert "verdict: 24 of 24 runs done; running 0" in again.output
+
+
+def _runs(rows: list[tuple[str, str, int, int, float, float]]) -> object:
+    import pandas as pd
+
+    cols = ["objective", "optimizer", "seed", "init_seed", "final_acc", "bitwise_frac"]
+    df = pd.DataFrame(rows, columns=cols)
+    df["lr"] = 1e-3
+    df["run_dir"] = [f"/nowhere/{i}" for i in range(len(df))]
+    return df
+
+
+def test_claims_are_decided_per_seed_set_then_combined() -> None:
+    from rlopt_cli import paper_verdicts as pv
+
+    # set A: SGD - AdamW = -0.01, 0, -0.02, +0.01 (mean -0.005, sd 0.0129, t_3 3.182: CI [-0.026, +0.016],
+    # above -0.05: holds); set B: -0.10 each but one -0.12 (CI wholly below -0.05: does not hold)
+    a = [("grpo", "sgd", s, 0, acc, 0.1) for s, acc in zip(range(4), [0.60, 0.62, 0.58, 0.61], strict=True)]
+    a += [
+        ("grpo", "adamw", s, 0, acc, 0.9) for s, acc in zip(range(4), [0.61, 0.62, 0.60, 0.60], strict=True)
+    ]
+    b = [("grpo", "sgd", s, 0, acc, 0.1) for s, acc in zip(range(4, 8), [0.5, 0.5, 0.5, 0.48], strict=True)]
+    b += [("grpo", "adamw", s, 0, 0.6, 0.9) for s in range(4, 8)]
+    sets = {"A": _runs(a), "B": _runs(b), "A'": _runs(a), "A+B": _runs(a + b)}
+    claim = pv.accuracy("grpo")
+    result = claim(sets["A"])
+    assert result.verdict == HOLDS and result.key == "-0.005 [-0.026, +0.016]"
+    assert result.half == pytest.approx(3.182 * 0.012910 / 2, rel=1e-3)
+    assert claim(sets["B"]).verdict == FAILS
+    decision = pv.decide(claim, sets)
+    assert decision.final == "inconclusive (seed sets disagree)"
+    assert pv.decide(claim, {**sets, "B": sets["A"]}).final == HOLDS
+    # sparsity: AdamW - SGD = 0.8 in every pair (a zero-width CI above 0)
+    sparse = pv.sparse_qualitative("grpo")(sets["A"])
+    assert sparse.verdict == HOLDS and "SGD 10% ± 0%" in sparse.text and "9x" in sparse.text
+    assert pv.sparse_quantitative(sets["A"]).verdict == FAILS  # 10% changed, 9x: far from < 0.02%, > 1000x
+    assert pv.accuracy("sft")(sets["A"]).verdict.startswith(INCONCLUSIVE)  # no SFT runs in the set
