@@ -158,6 +158,8 @@ def fmt_ci(mean: float, half: float = math.nan, pct: bool = False) -> str:
     if h <= 1e-12 * max(1.0, abs(m)):
         return f"{m:.4g}{unit} ± 0{unit}"
     decimals = max(0, 1 - math.floor(math.log10(h)))
+    if decimals > 4:  # tiny quantities (std of sqrt v ~1e-4): significant digits, not a row of zeros
+        return f"{m:.3g}{unit} ± {h:.2g}{unit}"
     return f"{m:.{decimals}f}{unit} ± {h:.{decimals}f}{unit}"
 
 

@@ -144,6 +144,7 @@ def test_seed_sets_are_disjoint_and_verdict_seeds_fresh() -> None:
         (0.088, 0.0123, True, "8.8% ± 1.2%"),
         (0.877, 0.0004, True, "87.700% ± 0.040%"),  # 2 significant digits of the half-width
         (0.5, 0.31, False, "0.50 ± 0.31"),
+        (1.464e-4, 1.6e-6, False, "0.000146 ± 1.6e-06"),
         (math.nan, 0.1, False, "n/a"),
     ],
 )
