@@ -185,6 +185,38 @@ def design_text(plan: dict[str, Any], selection: Any, n_verdict: int) -> str:
     )
 
 
+def set_a_figures(paper_dir: Path, runs: Any, best_updates: dict[str, list[WeightUpdate]]) -> dict[str, Any]:
+    """Per-layer, ULP-ratio and probe figures from set A's runs; returns the probe statistics drawn."""
+    from rlopt_cli import paper_plots
+
+    paper_plots.per_layer(per_layer_fractions(pv.first_runs(runs)), paper_dir / "fig_per_layer.png")
+    paper_plots.ulp_ratios(
+        {
+            v: [sum(c) for c in zip(*(u.ratio_hist for u in us), strict=True)]
+            for v, us in best_updates.items()
+        },
+        bin_labels(),
+        paper_dir / "fig_ulp_ratio.png",
+    )
+    probes = {obj: pv.probe_of(d) for obj in ("grpo", "sft") if (d := pv.first_runs(runs, obj).get("adamw"))}
+    paper_plots.probe_histograms(
+        {f"AdamW {k.upper()}": v for k, v in probes.items()}, paper_dir / "fig_probe.png"
+    )
+    return probes
+
+
+def power_table(decisions: dict[str, pv.Decision]) -> str:
+    """The CI half-widths each set reached on the claims decided by a CI, with the boundary they face."""
+    margins = {
+        claim_id(decisions, "1"): f"difference -{ACC_MARGIN}",
+        claim_id(decisions, "2"): f"difference -{ACC_MARGIN}",
+        claim_id(decisions, "3b"): "difference 0 (fraction)",
+        claim_id(decisions, "5a"): f"difference +{COS_MARGIN}",
+        claim_id(decisions, "5b"): f"log10 ratio log10({SPREAD_RATIO:g})",
+    }
+    return table(pv.power_rows(decisions, margins), ["claim", "boundary", *pv.SETS, pv.POOLED])
+
+
 def write_report(paper_dir: Path) -> Path:
     """Compute every section from the files under `paper_dir` and write REPORT.md and the figures."""
     from rlopt_cli import paper_plots, plots
@@ -200,21 +232,7 @@ def write_report(paper_dir: Path) -> Path:
     decisions = decide_all(sets, updates)
     best_updates = pv.rl_updates(sets["A"], updates)  # set A's RL runs: the figures and per-run tables
 
-    paper_plots.per_layer(per_layer_fractions(pv.first_runs(sets["A"])), paper_dir / "fig_per_layer.png")
-    paper_plots.ulp_ratios(
-        {
-            v: [sum(c) for c in zip(*(u.ratio_hist for u in us), strict=True)]
-            for v, us in best_updates.items()
-        },
-        bin_labels(),
-        paper_dir / "fig_ulp_ratio.png",
-    )
-    probes = {
-        obj: pv.probe_of(d) for obj in ("grpo", "sft") if (d := pv.first_runs(sets["A"], obj).get("adamw"))
-    }
-    paper_plots.probe_histograms(
-        {f"AdamW {k.upper()}": v for k, v in probes.items()}, paper_dir / "fig_probe.png"
-    )
+    probes = set_a_figures(paper_dir, sets["A"], best_updates)
     updates_sel = updates_by_run(selection, "grpo")
     matched = matched_norm_text(updates_sel, plan["lrs"]["grpo"]["adamw"])
     scale = scale_rows(paper_dir / "scale")
@@ -246,13 +264,6 @@ def write_report(paper_dir: Path) -> Path:
             "measured (no paper claim)",
         ),
     ]
-    margins = {
-        claim_id(decisions, "1"): f"difference -{ACC_MARGIN}",
-        claim_id(decisions, "2"): f"difference -{ACC_MARGIN}",
-        claim_id(decisions, "3b"): "difference 0",
-        claim_id(decisions, "5a"): f"difference +{COS_MARGIN}",
-        claim_id(decisions, "5b"): f"log10 ratio log10({SPREAD_RATIO:g})",
-    }
     n_verdict = sum(len(sets[s]) for s in pv.SETS)
     sections = [
         '# rlopt reproduction of "Do We Need Adam?" (arXiv 2602.07729) on the embedded default\n',
@@ -265,7 +276,7 @@ def write_report(paper_dir: Path) -> Path:
         design_text(plan, selection, n_verdict),
         "95% CI half-widths reached (a claim is decidable when its true value lies further than this from the "
         "boundary):\n",
-        table(pv.power_rows(decisions, margins), ["claim", "boundary", *pv.SETS, pv.POOLED]),
+        power_table(decisions),
         "## 1-2. Learning-rate selection (paper Table 2 shape; selection seeds only)\n",
         grid_best_table(selection),
         "![accuracy vs lr](select/accuracy_vs_lr.png)\n![curves](select/curves_best_lr.png)\n",
