@@ -3,7 +3,6 @@
 - `weight_update`: from a run's starting and final fp32 master weights (trainer_state.safetensors): the L2 norm
   of the total update, the changed fraction when stored in bf16 and in fp32, the ULP-based prediction of the bf16
   changed fraction, mean over coordinates of min(1, |dw| / ulp_bf16(w0)), and the histogram of |dw| / ulp_bf16(w0).
-- `compare_means`: the difference of two optimizers' seed means with a Welch 95% CI, and a plain verdict.
 - `at_matched_norm`: one optimizer's changed fraction interpolated at another's update norm (log-log), so the
   sparsity contrast is also read at equal update size, not only at each optimizer's best LR.
 """
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlopt_cli.study.report import mean_ci, t_quantile_975  # noqa: F401 (mean_ci re-exported for the paper)
 from rlopt_cli.training.checkpoint import list_checkpoints
 from rlopt_cli.training.update_fraction import ulp_bf16
 
@@ -79,45 +77,6 @@ def weight_update(run_dir: Path) -> WeightUpdate:
         median_step_ulp=float(torch.cat(samples).median()),
         ratio_hist=hist.tolist(),
     )
-
-
-@dataclass(frozen=True)
-class Comparison:
-    diff: float
-    """mean(a) - mean(b)."""
-    low: float
-    high: float
-    """Welch 95% CI of the difference (NaN when either side has one value)."""
-
-
-def compare_means(a: Sequence[float], b: Sequence[float]) -> Comparison:
-    ma, mb = sum(a) / len(a), sum(b) / len(b)
-    if len(a) < 2 or len(b) < 2:
-        return Comparison(ma - mb, math.nan, math.nan)
-    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)
-    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return Comparison(ma - mb, ma - mb, ma - mb)
-    df = (va + vb) ** 2 / ((va**2) / (len(a) - 1) + (vb**2) / (len(b) - 1))
-    half = t_quantile_975(max(1, int(df + 1e-9))) * se  # floor of the Welch df: conservative
-    return Comparison(ma - mb, ma - mb - half, ma - mb + half)
-
-
-def verdict_not_below(c: Comparison) -> str:
-    """Claim 'a is within noise of, or above, b'."""
-    if math.isnan(c.low):
-        return "inconclusive (one seed)"
-    return "does not hold at this scale" if c.high < 0 else "holds"
-
-
-def verdict_clearly_below(c: Comparison) -> str:
-    """Claim 'a is clearly below b'."""
-    if math.isnan(c.low):
-        return "inconclusive (one seed)"
-    if c.high < 0:
-        return "holds"
-    return "does not hold at this scale" if c.low > 0 or c.diff >= 0 else "inconclusive"
 
 
 def at_matched_norm(points: Sequence[tuple[float, float]], norm: float) -> float | None:

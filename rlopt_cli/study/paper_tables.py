@@ -9,14 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from rlopt_cli.study.paper_analysis import WeightUpdate
+from rlopt_cli.study.paper_stats import fmt_ci
 
 
 def fmt(mean: float, ci: float = math.nan, pct: bool = False) -> str:
-    scale, unit = (100, "%") if pct else (1, "")
-    if math.isnan(mean):
-        return "n/a"
-    text = f"{scale * mean:.4g}{unit}"
-    return text if math.isnan(ci) else f"{text} ± {scale * ci:.2g}{unit}"
+    """mean ± 95% CI half-width at a precision the half-width supports (paper_stats.fmt_ci)."""
+    return fmt_ci(mean, ci, pct)
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -198,21 +196,3 @@ def scale_text(rows: list[dict[str, Any]]) -> str:
         if v.get("sgd") and "adamw" in v
     ]
     return "; ".join(parts) or "n/a"
-
-
-def predict_text(best_updates: dict[str, list[WeightUpdate]]) -> str:
-    return (
-        ", ".join(
-            f"{v}: measured {100 * us[0].changed_bf16:.3g}% vs predicted {100 * us[0].predicted_bf16:.3g}%"
-            for v, us in best_updates.items()
-            if us
-        )
-        or "n/a"
-    )
-
-
-def predict_verdict(best_updates: dict[str, list[WeightUpdate]]) -> str:
-    pairs = [(us[0].changed_bf16, us[0].predicted_bf16) for us in best_updates.values() if us]
-    if not pairs:
-        return "inconclusive"
-    return "holds" if all(m > 0 and 0.5 <= p / m <= 2 for m, p in pairs) else "does not hold at this scale"

@@ -89,6 +89,8 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     mean = sum(clean) / n
     if n < 2:
         return mean, math.nan
+    if max(clean) == min(clean):  # no spread: exactly 0, not the 1e-17 left by rounding the mean
+        return mean, 0.0
     std = math.sqrt(sum((v - mean) ** 2 for v in clean) / (n - 1))
     return mean, t_quantile_975(n - 1) * std / math.sqrt(n)
 
