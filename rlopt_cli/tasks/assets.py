@@ -171,7 +171,8 @@ def fetch_gsm8k_symbolic(
         }
 
     name = asset_name(train_size, seed)
-    refetch = f"rlopt fetch gsm8k-symbolic --train-size {train_size} --seed {seed} --force"
+    chosen = "" if eval_source == "auto" else f" --eval {eval_source}"
+    refetch = f"rlopt fetch gsm8k-symbolic --train-size {train_size} --seed {seed}{chosen} --force"
     folder, cached = cached_asset(name, build, root, refetch, force)
     source = json.loads((folder / "manifest.json").read_text())["source"]["eval"]["source"]
     what = "GSM8K test (100 problems)" if source == "gsm8k-test" else "held-out gsm_symbolic, NOT GSM8K test"
