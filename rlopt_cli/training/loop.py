@@ -29,7 +29,13 @@ from rlopt_cli.algo.optimizers import build_optimizer, state_bytes
 from rlopt_cli.algo.probe import Probe, write_probe
 from rlopt_cli.config.recipes import to_dict, to_toml
 from rlopt_cli.config.schema import RunConfig
-from rlopt_cli.models.loading import check_model_path, load_policy, parameter_count, render_prompts
+from rlopt_cli.models.loading import (
+    check_chat_template,
+    check_model_path,
+    load_policy,
+    parameter_count,
+    render_prompts,
+)
 from rlopt_cli.rollout import Backend, make_backend
 from rlopt_cli.runtime import cpu_kernels
 from rlopt_cli.runtime.atomic_files import atomic_write_json
@@ -60,6 +66,7 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
     task = build_task(cfg.task)
     if not cfg.model.is_embedded:
         check_model_path(cfg.model.name_or_path)
+        check_chat_template(cfg.model.name_or_path, cfg.task.chat_template)
     make_folder(run_dir)
     with FolderLock(run_dir, "run"):
         if inspect_run(run_dir, cfg).finished:  # again, under the lock: another process may have finished it

@@ -12,13 +12,13 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rlopt_cli.config.recipes import to_dict
 from rlopt_cli.config.schema import LogConfig, OptimizerConfig, RunConfig, SFTConfig, TrainConfig
+from rlopt_cli.runtime.cache import cache_dir
 from rlopt_cli.training.checkpoint import resolve_checkpoint
 
 TrainRun = Callable[[RunConfig, Path, Any], Path]
@@ -28,10 +28,6 @@ TrainRun = Callable[[RunConfig, Path, Any], Path]
 # for the completion positions (session 1), which moved the float sums; caches built before gave 0.505 eval
 # accuracy, the current code 0.430 (300 steps end on the steep part of the learning curve).
 WARMUP_FORMAT = 2
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RLOPT_CACHE", Path.home() / ".cache" / "rlopt"))
 
 
 def warmup_config(cfg: RunConfig) -> RunConfig:
