@@ -37,6 +37,36 @@ def test_extract_answer() -> None:
     assert extract_answer("000") == "0"
 
 
+@pytest.mark.parametrize(
+    ("completion", "reward"),
+    [
+        ("85", 1.0),
+        ("47 + 38 = 85", 1.0),  # a chat model restates the sum: the answer is the last integer
+        ("47+38 = 85.", 1.0),
+        ("The sum is 085", 1.0),
+        ("47 + 38 = 125", 0.0),  # wrong sum
+        ("85, no wait, 86", 0.0),  # the last number decides
+        ("To compute 47+38, we", 0.0),  # cut off before the answer: its last integer is an operand
+        ("eighty-five", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_instruct_verifier_table(completion: str, reward: float) -> None:
+    task = build_task(TaskConfig(prompt_style="instruct", n_eval=10))
+    gold = Example(prompt="Compute 47+38. Reply with just the result.", answer="85", solution="85")
+    assert task.verify(completion, gold) == reward
+
+
+def test_instruct_style_keeps_the_split_and_words_the_prompt() -> None:
+    bare = build_task(TaskConfig(n_eval=20))
+    instruct = build_task(TaskConfig(prompt_style="instruct", n_eval=20))
+    assert [e.answer for e in instruct.eval] == [e.answer for e in bare.eval]  # same problems, other wording
+    first = instruct.eval[0]
+    a, b = bare.eval[0].prompt.rstrip("=").split("+")
+    assert first.prompt == f"Compute {a}+{b}. Reply with just the result."
+    assert all(instruct.verify(e.solution, e) == 1.0 for e in instruct.eval)
+
+
 def test_splits_are_seeded_disjoint_and_sized() -> None:
     task = build_task(TaskConfig())
     again = build_task(TaskConfig())

@@ -306,3 +306,31 @@ def test_skipping_and_sharing_do_not_change_the_run(
     # momentum kept moving the weights through the all-skipped steps
     c = load_file(fast / "checkpoints/step-000002/trainer_state.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in masters)
+
+
+@pytest.mark.parametrize("objective", ["grpo", "sft"])
+def test_update_norm_is_the_step_sgd_takes(
+    tmp_path: Path, tiny_overrides: list[str], objective: str, forced_rewards
+) -> None:
+    """Plain SGD moves the weights by lr x the clipped gradient: the logged step norm must say exactly that,
+    clipped (norm 1e-3, always active) and unclipped."""
+    forced_rewards(first_of_each(4))
+    lr = 0.01
+    for max_norm in (1e-3, 0.0):
+        cfg = tiny(
+            tiny_overrides,
+            "train.steps=2",
+            f"train.objective={objective}",
+            "optimizer.name=sgd",
+            f"optimizer.lr={lr}",
+            f"optimizer.max_grad_norm={max_norm}",
+            "log.update_norm=true",
+            f"train.seed={int(max_norm > 0)}",
+        )
+        rows = read_metrics(trainer.train(cfg, tmp_path / f"clip{max_norm}", quiet))[1:]
+        for row in rows:
+            taken = min(row["train/grad_norm"], max_norm) if max_norm > 0 else row["train/grad_norm"]
+            assert row["train/grad_norm"] > 0
+            assert row["train/update_norm"] == pytest.approx(lr * taken, rel=1e-3)
+    off = read_metrics(trainer.train(tiny(tiny_overrides, "train.steps=1"), tmp_path / "off", quiet))
+    assert "train/update_norm" not in off[1]

@@ -52,7 +52,8 @@ def plain_name(name: str) -> bool:
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "embedded"
-    """'embedded': build the tiny Qwen2 from the dims below (no download); else a local HF folder or hub id."""
+    """'embedded': build the tiny Qwen2 from the dims below (no download); 'asset:NAME': a real model that
+    `rlopt fetch NAME` converts into the cache (fetched on first use); else a local HF folder or hub id."""
     hidden_size: int = 128
     """Embedded model: width. 128 x 4 layers with the 53-token vocabulary is about 1.06M parameters."""
     intermediate_size: int = 512
@@ -106,6 +107,10 @@ class TaskConfig:
     """Which task (see rlopt_cli/tasks): its data, answer extraction and verifier."""
     digits: int = 2
     """Arithmetic: digits per operand (the difficulty knob)."""
+    prompt_style: str = "bare"
+    """Arithmetic: 'bare' prompts '47+38=' and reads the completion's leading integer (the embedded model's
+    format); 'instruct' asks 'Compute 47+38. Reply with just the result.' and reads the last integer, since a
+    chat model answers '47 + 38 = 85'."""
     n_eval: int = 200
     """Size of the held-out eval split (arithmetic), or a cap on the eval file's rows (0 = all)."""
     split_seed: int = 0
@@ -123,6 +128,7 @@ class TaskConfig:
         _positive(self.digits, "task.digits")
         _positive(self.n_eval, "task.n_eval", allow_zero=True)
         _choice(self.answer_mode, ("strict", "flexible"), "task.answer_mode")
+        _choice(self.prompt_style, ("bare", "instruct"), "task.prompt_style")
 
 
 @dataclass(frozen=True)
@@ -322,6 +328,9 @@ class LogConfig:
     """W&B group (a sweep sets it to the sweep's name)."""
     progress: bool = True
     """Show a rich progress bar."""
+    update_norm: bool = False
+    """Log train/update_norm, the L2 norm of each step's weight change; costs a transient fp32 copy of the
+    weights at every step, so it is off unless asked for."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rlopt_cli.errors import RloptError
-from rlopt_cli.runtime.cache import cached_asset, sha256_file
+from rlopt_cli.runtime.cache import cache_dir, cached_asset, sha256_file
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,15 @@ MODELS: dict[str, PackagedModel] = {
     ),
 }
 SAVE_DTYPE = "bfloat16"
+ASSET_PREFIX = "asset:"  # model.name_or_path = "asset:smollm2-135m-instruct" names a fetchable model
+
+
+def resolve_model_path(name_or_path: str, say: Any = print) -> str:
+    """'asset:NAME' -> the cached folder of packaged model NAME (converted on first use, checksums verified
+    after); any other value is returned as it is. Recipes can then name a real model without a machine's path."""
+    if not name_or_path.startswith(ASSET_PREFIX):
+        return name_or_path
+    return str(fetch_model(name_or_path.removeprefix(ASSET_PREFIX), cache_dir(), say=say))
 
 
 def package_folder(package: str, pip: str) -> Path:

@@ -1,8 +1,13 @@
 """The embedded verifiable task: integer addition, `'47+38='` -> `'85'`.
 
 Seeded and exact: operands have `digits` digits each (the difficulty knob); the eval split is a fixed sample of
-`n_eval` problems, and the train split never contains an eval problem. The verifier reads the completion's
-leading integer, so '85' and '85 apples' are right and 'eighty-five', '' and '58' are wrong.
+`n_eval` problems, and the train split never contains an eval problem. Two prompt styles (`task.prompt_style`):
+- bare (the embedded model's): the prompt `'47+38='`; the verifier reads the completion's leading integer, so
+  '85' and '85 apples' are right and 'eighty-five', '' and '58' are wrong;
+- instruct (chat models): `'Compute 47+38. Reply with just the result.'`; the verifier reads the last integer,
+  so '85', '47 + 38 = 85' and '47+38 = 85.' are right and '47 + 38 = 125', 'To compute 47+38, we' are wrong.
+  Measured on SmolLM2-135M-Instruct (greedy, 12 tokens, 24 problems): this wording and rule scored 6/24 on
+  two-digit sums; the bare prompt 0/24 under either rule (README, "A real model on CPU").
 Simplification: one operation (addition) keeps the tiny model's warm-up to seconds.
 """
 
@@ -16,20 +21,35 @@ from rlopt_cli.tasks import Example, Task
 
 MAX_TRAIN = 50_000  # enough problems that a 1M-parameter model sees few repeats in a demo-length run
 _LEADING_INT = re.compile(r"^\s*(-?\d+)")
+_INT = re.compile(r"-?\d+")
+INSTRUCTION = "Compute {a}+{b}. Reply with just the result."
 
 
-def extract_answer(completion: str) -> str | None:
-    """The completion's leading integer, or None if it does not start with one."""
+def canonical(number: str) -> str:
+    """'007' -> '7', '-0' -> '0': integers compare by value, not by spelling."""
+    return str(int(number))
+
+
+def extract_answer(completion: str, style: str = "bare") -> str | None:
+    """The completion's leading integer (bare) or last integer (instruct), or None if there is none."""
+    if style == "instruct":
+        numbers = _INT.findall(completion)
+        return canonical(numbers[-1]) if numbers else None
     match = _LEADING_INT.match(completion)
-    return match.group(1).lstrip("0") or "0" if match else None
+    return canonical(match.group(1)) if match else None
 
 
 def verify(completion: str, example: Example) -> float:
     return 1.0 if extract_answer(completion) == example.answer else 0.0
 
 
-def make_example(a: int, b: int) -> Example:
-    return Example(prompt=f"{a}+{b}=", answer=str(a + b), solution=str(a + b))
+def verify_instruct(completion: str, example: Example) -> float:
+    return 1.0 if extract_answer(completion, "instruct") == example.answer else 0.0
+
+
+def make_example(a: int, b: int, style: str = "bare") -> Example:
+    prompt = INSTRUCTION.format(a=a, b=b) if style == "instruct" else f"{a}+{b}="
+    return Example(prompt=prompt, answer=str(a + b), solution=str(a + b))
 
 
 def build(cfg: TaskConfig) -> Task:
@@ -49,7 +69,7 @@ def build(cfg: TaskConfig) -> Task:
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval : n_eval + MAX_TRAIN]
     return Task(
         name="arithmetic",
-        train=[make_example(a, b) for a, b in train_pairs],
-        eval=[make_example(a, b) for a, b in eval_pairs],
-        verify=verify,
+        train=[make_example(a, b, cfg.prompt_style) for a, b in train_pairs],
+        eval=[make_example(a, b, cfg.prompt_style) for a, b in eval_pairs],
+        verify=verify_instruct if cfg.prompt_style == "instruct" else verify,
     )

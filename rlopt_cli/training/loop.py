@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from rlopt_cli.algo.optimizers import build_optimizer, state_bytes
 from rlopt_cli.algo.probe import Probe, write_probe
 from rlopt_cli.config.recipes import to_dict, to_toml
 from rlopt_cli.config.schema import RunConfig
+from rlopt_cli.models.assets import resolve_model_path
 from rlopt_cli.models.loading import (
     check_chat_template,
     check_model_path,
@@ -47,7 +49,7 @@ from rlopt_cli.training.checkpoint import load_trainer_state, save_checkpoint, s
 from rlopt_cli.training.evaluation import evaluate
 from rlopt_cli.training.run_folder import claim_run, inspect_run, summarize, update_meta, write_meta
 from rlopt_cli.training.tracking import MetricsFile, NullSink, Sink, WandbSink, read_metrics
-from rlopt_cli.training.update_fraction import UpdateReference
+from rlopt_cli.training.update_fraction import UpdateReference, step_norm, weights_before_step
 from rlopt_cli.training.warmup import warm_start
 
 
@@ -57,6 +59,9 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
     Everything that can be checked is checked before the folder is touched (config, device, task files, model
     path, --out), then the folder is locked for this process and claimed; a kill at any moment after that
     resumes exactly, from the last complete checkpoint (step 0 included)."""
+    model_path = resolve_model_path(cfg.model.name_or_path, say)
+    if model_path != cfg.model.name_or_path:  # the folder is what the run reads and records
+        cfg = replace(cfg, model=replace(cfg.model, name_or_path=model_path))
     run_dir = Path(out_dir) / cfg.run_name
     if inspect_run(run_dir, cfg).finished:
         say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
@@ -237,6 +242,7 @@ def grpo_step(
     clips: list[float] = []
     grad_norms: list[float] = []
     probed = None
+    before = weights_before_step(model) if cfg.log.update_norm else None
     for iteration in range(g.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for i, rows in enumerate(batches):
@@ -279,7 +285,8 @@ def grpo_step(
     backend.sync_weights(model)
 
     grouped = rewards.view(-1, g.num_generations)  # [B/G, G]
-    return {
+    measured = {} if before is None else {"train/update_norm": step_norm(model, before)}
+    return measured | {
         "train/reward_mean": float(rewards.mean()),
         "train/reward_std": float(rewards.std()),
         "train/frac_reward_zero_std": float((grouped.std(dim=1) == 0).float().mean()),
@@ -307,8 +314,10 @@ def sft_step(
     with autocast(cfg.train.precision, device):
         loss = sft.sft_loss(model, batch)
     loss.backward()
+    before = weights_before_step(model) if cfg.log.update_norm else None
     grad_norm, probed = clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm, step in cfg.probe.steps)
-    return {
+    measured = {} if before is None else {"train/update_norm": step_norm(model, before)}
+    return measured | {
         "probe": probed,
         "train/loss": loss.item(),
         "train/grad_norm": grad_norm,

@@ -10,6 +10,7 @@ a bf16 ULP (|w|/512 to |w|/256). `ulp_ratios` measures how far each coordinate's
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,24 @@ class UpdateReference:
             changed.append(ratio[moved])
             unchanged.append(ratio[~moved])
         out = {}
-        for key, parts in (("changed", changed), ("unchanged", unchanged)):
+        for key, parts in (("all", changed + unchanged), ("changed", changed), ("unchanged", unchanged)):
             values = torch.cat(parts)
             out[f"sparsity/ulp_ratio_median_{key}"] = (
                 float(values.median()) if values.numel() else float("nan")
             )
         return out
+
+
+def weights_before_step(model: Any) -> list[torch.Tensor]:
+    """A copy of the weights for `step_norm` (log.update_norm): transient, one fp32 model's worth."""
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@torch.no_grad()
+def step_norm(model: Any, before: list[torch.Tensor]) -> float:
+    """L2 norm of the weight change since `before`: the optimizer step actually taken (after clipping, the lr
+    and the optimizer's own scaling), which is what decides how many bf16 weights can change."""
+    total = sum(
+        float((p.detach() - b).float().pow(2).sum()) for p, b in zip(model.parameters(), before, strict=True)
+    )
+    return math.sqrt(total)
