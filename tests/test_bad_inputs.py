@@ -245,6 +245,10 @@ CASES: list[tuple[str, Callable[[Path], str] | None, int, str]] = [
     ),
     ("sweep {path} --only seed=99", sweep_file(SWEEP.format(extra="")), 2, "matches no cell"),
     ("nope", None, 2, "No such command 'nope'"),
+    ("demo --task gsm8k --out {out}", None, 2, "--task gsm8k is not available here"),
+    ("demo --task poetry --out {out}", None, 2, "--task poetry is not available here"),
+    ("train --set task.prompt_style=chat", None, 2, "task.prompt_style"),
+    ("train --set model.name_or_path=asset:gpt-5", None, 2, "unknown model 'gpt-5'"),
 ]
 
 

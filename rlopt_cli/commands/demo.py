@@ -14,56 +14,86 @@ from pathlib import Path
 import typer
 
 from rlopt_cli.commands._common import console, friendly_errors, pin_cpu_kernels, say
+from rlopt_cli.errors import RloptError
 
 SGD_LR = 0.003
 ADAMW_LR = 3e-5
-# With --model (a fetched real model): the paper recipes' SGD rate and a common RL rate for AdamW. Not tuned at
-# this size: the demo's few steps on CPU cannot show which rate is best, only that both optimizers run.
-REAL_LRS = {"sgd": 0.1, "adamw": 1e-6}
-# A real model on CPU costs seconds per step (README, "A real model on CPU"): fewer steps and eval problems, one
-# micro-batch per group, the chat template, and room for "47 + 38 = 85" rather than the bare "85".
+# With --model (a fetched real model): lrs from the scan in recipes/real/smollm2_arith_scan.toml (README, "A real
+# model on CPU: SGD vs AdamW"); the demo's few steps on CPU show that both optimizers learn, not which is best.
+REAL_LRS = {"sgd": 0.1, "adamw": 1e-5}
+# A real model on CPU costs seconds per step: fewer steps and eval problems, and the arithmetic task worded for a
+# chat model ('Compute 47+38. Reply with just the result.', the last integer is the answer), the settings of
+# recipes/real/smollm2_arith.toml.
 REAL_OVERRIDES = {
-    "grpo.max_completion_length": 16,
-    "grpo.micro_batch_size": 8,
-    "model.gradient_checkpointing": True,
+    "task.prompt_style": "instruct",
     "task.chat_template": True,
-    "task.n_eval": 50,
+    "task.n_eval": 100,
+    "grpo.batch_size": 32,
+    "grpo.micro_batch_size": 16,
+    "grpo.max_completion_length": 16,
+    "grpo.temperature": 0.7,
+    "model.gradient_checkpointing": False,
     "train.eval_every": 0,
     "train.checkpoint_every": 0,
 }
+# --task gsm8k (with --model): GSM8K-style word problems with chain of thought, from `rlopt fetch gsm8k-symbolic`
+# (train: reasoning-gym's generator; eval: the first 50 of 100 verbatim GSM8K test problems). Completions are
+# 16x longer than the arithmetic ones, so each step costs about 10x more.
+GSM8K_OVERRIDES = {
+    "task.name": "gsm8k",
+    "task.answer_mode": "flexible",
+    "task.n_eval": 50,
+    "grpo.max_completion_length": 256,
+    "grpo.micro_batch_size": 8,
+}
+TASKS = ("arithmetic", "gsm8k")
 
 
 @friendly_errors
 def demo(
     steps: int | None = typer.Option(
-        None, "--steps", help="GRPO steps per optimizer [150; 10 with --model]."
+        None, "--steps", help="GRPO steps per optimizer [150; with --model 10, or 4 for gsm8k]."
     ),
     sgd_lr: float | None = typer.Option(
-        None, "--sgd-lr", help=f"SGD learning rate [{SGD_LR}; 0.1 with --model]."
+        None, "--sgd-lr", help=f"SGD learning rate [{SGD_LR}; {REAL_LRS['sgd']:g} with --model]."
     ),
     adamw_lr: float | None = typer.Option(
-        None, "--adamw-lr", help=f"AdamW learning rate [{ADAMW_LR}; 1e-6 with --model]."
+        None, "--adamw-lr", help=f"AdamW learning rate [{ADAMW_LR}; {REAL_LRS['adamw']:g} with --model]."
     ),
     model: str | None = typer.Option(
         None, "--model", help="A fetchable real model (smollm2-135m-instruct) instead of the embedded one."
+    ),
+    task: str = typer.Option(
+        "arithmetic", "--task", help="arithmetic, or gsm8k (with --model: fetched GSM8K-style problems)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of both runs."),
     out: Path = typer.Option(Path("results/demo"), "--out", "-o", help="Folder for the two run folders."),
     overrides: list[str] = typer.Option([], "--set", "-s", help="Dotted override applied to both runs."),
 ) -> None:
-    """GRPO on the arithmetic task with SGD and AdamW from one starting model; prints the comparison."""
+    """GRPO with SGD and with AdamW from one starting model; prints the comparison."""
     from rlopt_cli.config.recipes import load_config
 
     started = time.perf_counter()
+    if task not in TASKS or (task == "gsm8k" and model is None):
+        raise RloptError(
+            f"--task {task} is not available here; choose arithmetic, or gsm8k with --model smollm2-135m-instruct"
+        )
     base: dict[str, object] = {}
     if model is not None:
         from rlopt_cli.models.assets import fetch_model
         from rlopt_cli.runtime.cache import cache_dir
 
         base = {**REAL_OVERRIDES, "model.name_or_path": str(fetch_model(model, cache_dir(), say=say))}
+        if task == "gsm8k":
+            from rlopt_cli.tasks.assets import fetch_gsm8k_symbolic
+
+            data = fetch_gsm8k_symbolic(cache_dir(), say=say)
+            files = {"task.train_file": data / "train.jsonl", "task.eval_file": data / "eval.jsonl"}
+            base = {**base, **GSM8K_OVERRIDES, **files}
     lrs = REAL_LRS if model is not None else {"sgd": SGD_LR, "adamw": ADAMW_LR}
     chosen = {"sgd": sgd_lr, "adamw": adamw_lr}
-    flags = {"train.steps": steps or (10 if model is not None else 150), "train.seed": seed}
+    default_steps = 150 if model is None else (10 if task == "arithmetic" else 4)
+    flags = {"train.steps": steps or default_steps, "train.seed": seed}
     # the real model's settings go first, so the user's --set overrides them
     first = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in base.items()]
     configs = [
@@ -82,14 +112,14 @@ def demo(
     for cfg in configs:
         run_dir = train(cfg, out, say)
         runs.append(json.loads((run_dir / "summary.json").read_text()))
-    console().print(comparison_table(runs))
+    console().print(comparison_table(runs, task))
     say(f"demo wall time {time.perf_counter() - started:.0f} s; run folders in {out}/")
 
 
-def comparison_table(summaries: list[dict]) -> object:
+def comparison_table(summaries: list[dict], task: str = "arithmetic") -> object:
     from rich.table import Table
 
-    table = Table(title="GRPO on the arithmetic task: SGD vs AdamW from the same starting model")
+    table = Table(title=f"GRPO on the {task} task: SGD vs AdamW from the same starting model")
     for col in (
         "optimizer",
         "lr",
