@@ -60,6 +60,18 @@ def test_lr_grid_expands_to_readable_unique_names() -> None:
     assert len(load_sweep(SMOKE).cells) == 4
 
 
+@pytest.mark.parametrize("name", ["smollm2_arith_scan.toml", "smollm2_arith.toml"])
+def test_real_model_sweeps_expand_to_the_chat_arithmetic_task(name: str) -> None:
+    cells = load_sweep(REPO / "recipes" / "real" / name).cells
+    assert {c.config.optimizer.name for c in cells} == {"sgd", "adamw"}
+    for cell in cells:
+        cfg = cell.config
+        assert cfg.model.name_or_path == "asset:smollm2-135m-instruct"
+        assert (cfg.task.prompt_style, cfg.task.chat_template, cfg.log.update_norm) == ("instruct", True, True)
+    # the scan chooses lrs on other problems than the study's
+    assert cells[0].config.task.split_seed == (1 if "scan" in name else 0)
+
+
 def test_list_fields_and_extra_axes_enter_the_names(tmp_path: Path) -> None:
     path = write_sweep(
         tmp_path,
