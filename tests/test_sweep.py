@@ -67,7 +67,11 @@ def test_real_model_sweeps_expand_to_the_chat_arithmetic_task(name: str) -> None
     for cell in cells:
         cfg = cell.config
         assert cfg.model.name_or_path == "asset:smollm2-135m-instruct"
-        assert (cfg.task.prompt_style, cfg.task.chat_template, cfg.log.update_norm) == ("instruct", True, True)
+        assert (cfg.task.prompt_style, cfg.task.chat_template, cfg.log.update_norm) == (
+            "instruct",
+            True,
+            True,
+        )
     # the scan chooses lrs on other problems than the study's
     assert cells[0].config.task.split_seed == (1 if "scan" in name else 0)
 
