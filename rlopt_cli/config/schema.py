@@ -169,6 +169,10 @@ class GRPOConfig:
     """With share_prompt_forward: a group whose prompt + G x (L-1) completion tokens fit this many is forwarded
     as one sequence under a shared-prefix mask (one forward instead of two; attention O(tokens^2) per group, so
     only for short groups); longer groups share the prompt through its KV cache. 0: never pack."""
+    logprob_chunk_tokens: int = 512
+    """Positions per chunk of the log-prob pass (lm_head, log_softmax, gather; rlopt_cli/algo/lm_head.py), each
+    recomputed in backward: the pass holds ~4 x this x vocab fp32 floats (1.2 GB at Qwen3's 151,936) instead of a
+    micro-batch's whole fp32 logits (15 GB at 8 x 3,072 tokens). Same numbers. 0: all positions at once."""
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -195,6 +199,7 @@ class GRPOConfig:
             _positive(self.epsilon_high, "grpo.epsilon_high", allow_zero=True)
         _positive(self.num_iterations, "grpo.num_iterations")
         _positive(self.pack_max_tokens, "grpo.pack_max_tokens", allow_zero=True)
+        _positive(self.logprob_chunk_tokens, "grpo.logprob_chunk_tokens", allow_zero=True)
         _choice(self.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
         _choice(self.loss_type, LOSS_TYPES, "grpo.loss_type")
 

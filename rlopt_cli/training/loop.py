@@ -227,6 +227,7 @@ def grpo_step(
                 g.temperature,
                 group_size,
                 g.pack_max_tokens,
+                g.logprob_chunk_tokens,
             )  # [b, L]
 
     def frozen_logps(m: Any) -> list[torch.Tensor]:
