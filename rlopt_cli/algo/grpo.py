@@ -199,7 +199,8 @@ def packed_group_hidden(
     out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     hidden = out.last_hidden_state  # [N/G, S, H]
     width = hidden.shape[-1]
-    token0 = hidden[:, prompt_len - 1 : prompt_len].expand(groups, group_size, width)  # predicts every token 0
+    # the prompt's last position predicts every completion's token 0
+    token0 = hidden[:, prompt_len - 1 : prompt_len].expand(groups, group_size, width)  # [N/G, G, H]
     rest = hidden[:, prompt_len:].reshape(n, steps, width)  # [N, L-1, H]
     return torch.cat([token0.reshape(n, 1, width), rest], 1)  # [N, L, H]
 

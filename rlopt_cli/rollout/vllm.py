@@ -149,6 +149,9 @@ class VLLMBackend:
 
     def _wake(self) -> None:
         if self.asleep:
+            # The trainer's freed blocks stay in torch's cache unless handed back: vLLM would then allocate its
+            # weights and KV cache next to the trainer's peak (TRL empties the cache before each wake-up too).
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
             push_weights(self.llm, self.model, self.dtype)
             self.llm.wake_up(tags=["kv_cache"])
