@@ -323,9 +323,16 @@ class RolloutConfig:
     """vllm on CUDA: free the engine's GPU memory while the trainer steps (sleep level 2); ignored on CPU."""
     eval_batch_size: int = 256
     """Prompts per generation call during evaluation."""
+    vllm_max_model_len: int = 0
+    """vllm: longest prompt + completion the engine serves; 0 = the model's own (40,960 for Qwen3, which only
+    makes vLLM check that one such sequence fits its KV cache). The paper recipes set prompt cap + completion."""
+    vllm_max_num_seqs: int = 0
+    """vllm: sequences decoded at once; 0 = vLLM's default. A batch of 1,024 completions fills it many times."""
 
     def __post_init__(self) -> None:
         _choice(self.backend, ("hf", "vllm"), "rollout.backend")
+        _positive(self.vllm_max_model_len, "rollout.vllm_max_model_len", allow_zero=True)
+        _positive(self.vllm_max_num_seqs, "rollout.vllm_max_num_seqs", allow_zero=True)
         _choice(self.vllm_dtype, ("auto", "bfloat16", "float16", "float32"), "rollout.vllm_dtype")
         _positive(self.eval_batch_size, "rollout.eval_batch_size")
 
