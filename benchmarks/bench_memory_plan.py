@@ -151,7 +151,7 @@ def predicted(name: str, measured: dict[str, Any]) -> dict[str, float]:
     shape, rows, prompt_len, length = SHAPES[name]
     p = shape.params
     tokens = prompt_len + rows * (length - 1)  # the KV-cache route: the prompt once, then every completion
-    kept, transient = activation_parts(shape, tokens, 4, True, rows * prompt_len)
+    kept, transient = activation_parts(shape, tokens, 4, True, rows * prompt_len, forwards=2)
     chunked = logprob_pass_bytes(shape, rows * length, CHUNK, 4)
     whole = logprob_pass_bytes(shape, rows * length, 0, 4)
     return {
