@@ -19,6 +19,7 @@ from benchmarks.common import REPO, RESULT_LINE
 BENCHMARKS = [
     "bench_grpo_vs_trl",
     "bench_optimizer_memory",
+    "bench_memory_plan",
     "bench_sparsity",
     "bench_walltime",
     "bench_cpu_isa",

@@ -13,6 +13,7 @@ from rlopt_cli.commands import (
     eval_cmd,
     fetch_cmd,
     paper_cmd,
+    plan_cmd,
     report_cmd,
     sparsity_cmd,
     sweep_cmd,
@@ -36,6 +37,7 @@ app.command("report")(report_cmd.report)
 app.command("sparsity")(sparsity_cmd.sparsity)
 app.command("paper")(paper_cmd.paper)
 app.command("fetch")(fetch_cmd.fetch)
+app.command("plan")(plan_cmd.plan)
 
 
 def main() -> None:

@@ -155,7 +155,7 @@ def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(
     if length > 2:
         cmask[1, 2:] = 0
     calls: list[int] = []
-    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))  # one per forward
 
     def run(group_size: int, pack: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         model.zero_grad(set_to_none=True)
@@ -188,7 +188,7 @@ def test_groups_longer_than_pack_max_tokens_go_through_the_cache() -> None:
     prompt_ids, prompt_mask = enc.input_ids.repeat(2, 1), enc.attention_mask.repeat(2, 1)
     completion = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     calls: list[int] = []
-    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))  # one per forward
 
     def forwards(pack_max_tokens: int) -> int:
         calls.clear()
@@ -218,3 +218,57 @@ def test_shared_prompt_forward_refuses_rows_that_are_not_groups() -> None:
         grpo.token_logprobs(
             model, enc.input_ids, enc.attention_mask, completion, torch.ones_like(completion), 1.0, 2
         )
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_a_micro_batch_is_trimmed_to_its_own_longest_row(group_size: int) -> None:
+    # The same rows with two more columns of left padding on every prompt and three more of right padding on
+    # every completion (as when the micro-batch's rows are all shorter than the rollout's longest): the trimmed
+    # pass gives the numbers and gradients of the untrimmed one, and 0 past the rows' longest completion.
+    from rlopt_cli.config.schema import ModelConfig
+    from rlopt_cli.models.loading import build_char_tokenizer, build_embedded_model
+
+    tok = build_char_tokenizer()
+    model = build_embedded_model(
+        ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2), len(tok), tok
+    )
+    enc = tok(["1+2=", "12+34="], return_tensors="pt", padding=True)
+    prompt_ids = enc.input_ids.repeat_interleave(3, 0)  # [6, P]
+    prompt_mask = enc.attention_mask.repeat_interleave(3, 0)
+    completion = torch.randint(3, len(tok), (6, 4), generator=torch.Generator().manual_seed(0))  # [6, 4]
+    cmask = torch.ones_like(completion)
+    cmask[2, 2:] = 0
+    pad = tok.pad_token_id
+    wide = (
+        torch.cat([torch.full((6, 2), pad), prompt_ids], 1),
+        torch.cat([torch.zeros(6, 2, dtype=prompt_mask.dtype), prompt_mask], 1),
+        torch.cat([completion, torch.full((6, 3), pad)], 1),
+        torch.cat([cmask, torch.zeros(6, 3, dtype=cmask.dtype)], 1),
+    )
+    assert grpo.trim(*wide)[0].shape == prompt_ids.shape and grpo.trim(*wide)[2].shape == completion.shape
+
+    def plain() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        # the untrimmed computation: the model's full logits over the wide batch
+        model.zero_grad(set_to_none=True)
+        attention = torch.cat([wide[1], wide[3]], 1)
+        logits = model(
+            input_ids=torch.cat([wide[0], wide[2]], 1),
+            attention_mask=attention,
+            position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+        ).logits[:, wide[0].shape[1] - 1 : -1]
+        logps = torch.log_softmax(logits.float(), -1).gather(-1, wide[2][..., None]).squeeze(-1) * wide[3]
+        (logps * torch.linspace(-1, 1, 6)[:, None]).sum().backward()
+        return logps.detach(), [p.grad.clone() for p in model.parameters()]
+
+    def trimmed() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        logps = grpo.token_logprobs(model, *wide, 1.0, group_size, 0, 4)  # [6, 7]
+        assert logps.shape == (6, 7) and not logps[:, 4:].any()  # the trimmed columns score 0
+        logps = logps * wide[3]
+        (logps * torch.linspace(-1, 1, 6)[:, None]).sum().backward()
+        return logps.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (want, want_grads), (got, grads) = plain(), trimmed()
+    assert torch.allclose(got, want, atol=1e-5)
+    for a, b in zip(grads, want_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)

@@ -53,28 +53,54 @@ def enable_checkpointing(model: Any) -> list[int]:
 
 
 def logps_and_grads(
-    model: Any, batch: tuple[torch.Tensor, ...], route: str, bf16: bool = False
+    model: Any, batch: tuple[torch.Tensor, ...], route: str, bf16: bool = False, chunk: int = 0
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     group_size, pack = ROUTES[route]
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logps = grpo.token_logprobs(model, *batch, 0.7, group_size, pack)  # [N, L]
+        logps = grpo.token_logprobs(model, *batch, 0.7, group_size, pack, chunk)  # [N, L]
     weights = torch.linspace(-1, 1, len(logps))[:, None]  # mixed signs, as advantages have
     (logps * batch[3] * weights).sum().backward()
     return logps.detach() * batch[3], [p.grad.clone() for p in model.parameters()]
 
 
+# 0: lm_head over the whole micro-batch at once; 5: five positions at a time (36 positions: a short last chunk)
+CHUNKS = {"whole": 0, "chunked": 5}
+
+
+def plain_logps_and_grads(
+    model: Any, batch: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The textbook computation, independent of rlopt's routes: the causal LM's full logits over each row's
+    prompt + completion, divided by the temperature, fp32 log_softmax, gather."""
+    prompt_ids, prompt_mask, completion, cmask = batch
+    model.zero_grad(set_to_none=True)
+    attention = torch.cat([prompt_mask, cmask], 1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=torch.cat([prompt_ids, completion], 1), attention_mask=attention, position_ids=positions
+    ).logits[:, prompt_ids.shape[1] - 1 : -1]  # [N, L, V]
+    logps = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, completion[..., None]).squeeze(-1)
+    weights = torch.linspace(-1, 1, len(logps))[:, None]  # as in logps_and_grads
+    (logps * cmask * weights).sum().backward()
+    return logps.detach() * cmask, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("chunk", list(CHUNKS))
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 @pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_every_route_matches_a_plain_per_row_forward(arch: str, route: str, checkpointing: bool) -> None:
+def test_every_route_matches_a_plain_per_row_forward(
+    arch: str, route: str, checkpointing: bool, chunk: str
+) -> None:
     model = tiny_model(arch)
     batch = group_batch(model.config.vocab_size)
-    want, want_grads = logps_and_grads(model, batch, "per_row")  # plain: no checkpointing, a forward per row
+    # plain: the model's own logits (no checkpointing, a forward per row, the whole vocabulary at every position)
+    want, want_grads = plain_logps_and_grads(model, batch)
     calls = enable_checkpointing(model) if checkpointing else []
     forwards: list[int] = []
-    model.register_forward_pre_hook(lambda *_: forwards.append(1))
-    got, grads = logps_and_grads(model, batch, route)
+    model.get_decoder().register_forward_pre_hook(lambda *_: forwards.append(1))
+    got, grads = logps_and_grads(model, batch, route, chunk=CHUNKS[chunk])
     assert len(forwards) == {"per_row": 1, "cache": 2, "packed": 1}[route]  # the route named was taken
     layers_checkpointed = 2 if checkpointing else 0  # both layers, in every forward
     assert len(calls) == layers_checkpointed * len(forwards)
@@ -91,7 +117,7 @@ def test_every_route_matches_a_plain_per_row_forward(arch: str, route: str, chec
     checkpointed_before = len(calls)
     with torch.no_grad():
         for m in (model, ref):
-            logps = grpo.token_logprobs(m, *batch, 0.7, group_size, pack)  # [N, L]
+            logps = grpo.token_logprobs(m, *batch, 0.7, group_size, pack, CHUNKS[chunk])  # [N, L]
             assert torch.allclose(logps * batch[3], want, atol=1e-5)
     assert len(calls) == checkpointed_before
 
@@ -110,6 +136,15 @@ def test_bf16_autocast_routes_with_checkpointing(arch: str, route: str) -> None:
     assert torch.allclose(got, plain, atol=1e-6)
     for a, b in zip(grads, plain_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    # Chunked, lm_head runs on 5 positions at a time: the same log-probs. Autocast computes lm_head's weight
+    # gradient in bf16, once per chunk, so the chunks' bf16-rounded parts add up to the plain gradient to bf16
+    # rounding of the parts (2^-8 of their size), no closer; every other gradient is identical.
+    chunked, chunked_grads = logps_and_grads(model, batch, route, bf16=True, chunk=5)
+    assert torch.allclose(chunked, plain, atol=1e-6)
+    head = model.get_output_embeddings().weight
+    for p, a, b in zip(model.parameters(), chunked_grads, plain_grads, strict=True):
+        bound = 2**-7 * float(b.abs().max()) if p is head else 1e-6
+        assert float((a - b).abs().max()) <= bound
     assert float((got - fp32).abs().max()) < 0.1  # bf16 keeps 8 bits of mantissa: log-probs move by ~1e-2
     cos = torch.nn.functional.cosine_similarity(
         torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in fp32_grads]), 0
@@ -270,3 +305,37 @@ def test_checkpointing_keeps_its_memory_saving_on_the_kv_cache_route(arch: str) 
     checkpointed, per_row = saved_bytes(4), saved_bytes(1)
     assert checkpointed < plain / 4  # measured: 2.1 MB against 10.6 MB (Llama) and 12.0 MB (Qwen3)
     assert checkpointed < per_row  # and less than checkpointed per-row forwards (2.3 MB): fewer tokens
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_the_chunked_pass_keeps_no_logits_for_backward(route: str) -> None:
+    # Bytes autograd keeps for backward, 6 rows x 64 completion tokens over a 131,072-token vocabulary: the plain
+    # pass keeps the fp32 log-softmax of every position (6 x 64 x 131,072 x 4 B = 201 MB); the chunked one keeps
+    # each chunk's hidden states only and recomputes its logits in backward (what it keeps, ~8 MB measured, is
+    # the decoder's activations).
+    vocab = 131072
+    model = tiny_model("qwen3", vocab_size=vocab)
+    gen = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(3, vocab, (2, 20), generator=gen).repeat_interleave(GROUP, 0)  # [6, 20]
+    completion = torch.randint(3, vocab, (6, 64), generator=gen)  # [6, 64]
+    group_size, pack = ROUTES[route]
+
+    def saved_bytes(chunk: int) -> int:
+        total = 0
+
+        def pack_hook(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        ones = torch.ones_like(completion)
+        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+            logps = grpo.token_logprobs(
+                model, prompt_ids, torch.ones_like(prompt_ids), completion, ones, 0.7, group_size, pack, chunk
+            )
+        logps.sum().backward()
+        return total
+
+    logits_bytes = 6 * 64 * vocab * 4
+    assert saved_bytes(0) > logits_bytes
+    assert saved_bytes(64) < logits_bytes / 10

@@ -103,7 +103,7 @@ def test_paper_recipe_trains_with_its_own_flags(
     def counted(name: str, f: Any) -> Any:
         return lambda *a, **k: (calls.append(name), f(*a, **k))[1]
 
-    for route in ("shared_prompt_logits", "packed_group_logits"):
+    for route in ("shared_prompt_hidden", "packed_group_hidden"):
         monkeypatch.setattr(grpo, route, counted(route, getattr(grpo, route)))
     # rlopt enables checkpointing with functools.partial(transformers.modeling_utils.checkpoint, ...)
     checkpoint = counted("checkpoint", transformers.modeling_utils.checkpoint)
@@ -112,9 +112,14 @@ def test_paper_recipe_trains_with_its_own_flags(
     run_dir = trainer_module.train(cfg, tmp_path_factory.mktemp("runs"), say=lambda *_: None)
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [0, 1, 2]
-    # 2 steps x 2 micro-batches x (policy, reference): all through the KV-cache route, with checkpointed layers
-    assert [c for c in calls if c != "checkpoint"] == ["shared_prompt_logits"] * 8
-    assert calls.count("checkpoint") == 2 * 2 * 2 * 2  # steps x micro-batches x forwards per route x layers
+    # 2 steps x 2 micro-batches x (policy, reference), with checkpointed layers. A micro-batch is trimmed to its
+    # own longest completion first: one whose group then fits pack_max_tokens is packed (one forward), the
+    # others share their prompt through the KV cache (two forwards).
+    routes = [c for c in calls if c != "checkpoint"]
+    assert len(routes) == 8 and "shared_prompt_hidden" in routes
+    policy = routes[2:4] + routes[6:8]  # each step: the reference's two passes (no grad), then the policy's
+    forwards = sum(2 if r == "shared_prompt_hidden" else 1 for r in policy)
+    assert calls.count("checkpoint") == forwards * 2  # only passes with gradients checkpoint; x 2 layers
     assert all(r["train/completion_len"] > 50 for r in rows[1:])  # random models rarely stop: long groups
     assert all(math.isfinite(r["train/loss"]) and r["train/grad_norm"] > 0 for r in rows[1:])
     assert rows[1]["train/kl"] == 0 and rows[2]["train/kl"] > 0  # the policy left the reference after step 1

@@ -2,6 +2,9 @@
 penalty, and the four loss aggregations. Each tensor line carries its shape. Tested against hand-computed
 numbers in tests/test_grpo.py.
 
+Log-probs come from the decoder's final hidden states through `lm_head.py`, which never holds a whole
+micro-batch's logits when chunking is on.
+
 Conventions follow TRL's GRPOTrainer (`_compute_loss`): advantages (r - mean) / (std + 1e-4) with the unbiased
 std; per-token loss -min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A) + beta * k3; aggregation:
 - grpo:    mean over each sequence's tokens, then mean over sequences (length-biased, the original GRPO)
@@ -16,6 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from rlopt_cli.algo.lm_head import output_head, token_logprobs_from_hidden
 from rlopt_cli.models.loading import cache_argument, custom_attention_mask
 from rlopt_cli.models.prompt_cache import SharedPrompt, cache_kept_under_checkpointing
 
@@ -44,43 +48,65 @@ def token_logprobs(
     temperature: float = 1.0,
     group_size: int = 1,
     pack_max_tokens: int = 0,
+    chunk_tokens: int = 0,
 ) -> torch.Tensor:
     """log p(completion token | prefix) under `model`, batched: [N, L].
 
     With `group_size` G > 1 the rows come in groups of G consecutive rows that share one prompt (GRPO's layout),
     and each prompt is forwarded once per group, from N/G x P + N x L tokens instead of N x (P + L):
     - packed, when the group's P + G x (L-1) tokens fit `pack_max_tokens`: one forward per group over its prompt
-      followed by its G completions, under a shared-prefix mask (`packed_group_logits`);
+      followed by its G completions, under a shared-prefix mask (`packed_group_hidden`);
     - otherwise the prompt's KV cache, autograd graph included, is repeated over the group and the completions
-      are forwarded on top of it (`shared_prompt_logits`).
-    Every route gives the log-probs and gradients of one forward over every row's P + L tokens, with gradient
-    checkpointing on or off (tested on tiny Llama, Qwen2 and Qwen3 models in tests/test_real_archs.py).
+      are forwarded on top of it (`shared_prompt_hidden`).
+    Every route forwards the decoder only and hands its final hidden states to `lm_head.token_logprobs_from_hidden`,
+    which applies lm_head `chunk_tokens` positions at a time (0: all at once), so no route materialises the
+    micro-batch's [tokens, vocab] logits. The batch is first trimmed to its own longest row (`trim`); columns
+    past it score 0. Every route gives the log-probs and gradients of one plain forward over every row's P + L
+    tokens, with gradient checkpointing on or off (tests/test_real_archs.py: tiny Llama, Qwen2 and Qwen3).
     """
+    full_length = completion_ids.shape[1]
+    prompt_ids, prompt_mask, completion_ids, completion_mask = trim(
+        prompt_ids, prompt_mask, completion_ids, completion_mask
+    )
     attention = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, P+L]
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [N, P+L]: left padding shifts positions
+    decoder = model.get_decoder()
     if group_size > 1:
         check_groups(prompt_ids, group_size)
         packed_len = prompt_ids.shape[1] + group_size * (completion_ids.shape[1] - 1)
-        logits = None
+        hidden = None
         if packed_len <= pack_max_tokens:
-            logits = packed_group_logits(model, prompt_ids, prompt_mask, completion_ids, group_size)
-        if logits is None:  # a long group, or attention that takes no custom mask (flash): share the cache
-            logits = shared_prompt_logits(model, prompt_ids, completion_ids, attention, positions, group_size)
+            hidden = packed_group_hidden(model, prompt_ids, prompt_mask, completion_ids, group_size)
+        if hidden is None:  # a long group, or attention that takes no custom mask (flash): share the cache
+            hidden = shared_prompt_hidden(model, prompt_ids, completion_ids, attention, positions, group_size)
     else:
-        # Only the last L+1 positions' logits: the prompt's would cost N x P x V for nothing (V is 150k for Qwen).
-        out = model(
+        out = decoder(
             input_ids=torch.cat([prompt_ids, completion_ids], dim=1),  # [N, P+L]
             attention_mask=attention,
             position_ids=positions,
             use_cache=False,  # one pass: a cache would only hold references (and make checkpointing warn)
-            logits_to_keep=completion_ids.shape[1] + 1,
         )
-        logits = out.logits[:, :-1, :]  # [N, L, V] predicts each completion token
-    logits = logits.float()
-    if temperature != 1.0:  # score under the distribution the rollouts were sampled from
-        logits = logits / temperature
-    logps = torch.log_softmax(logits, dim=-1)  # [N, L, V]
-    return logps.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, L]
+        # Only the L positions that predict a completion token go to lm_head: the prompt's would cost N x P x V.
+        hidden = out.last_hidden_state[:, -completion_ids.shape[1] - 1 : -1]  # [N, L, H]
+    logps = token_logprobs_from_hidden(hidden, completion_ids, output_head(model), temperature, chunk_tokens)
+    return torch.nn.functional.pad(logps, (0, full_length - logps.shape[1]))  # [N, L] as given
+
+
+def trim(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """The batch without the columns that are padding in every row: the prompts' shared left padding, the
+    completions' shared right padding (at least one completion column stays). A micro-batch then costs its own
+    longest row, not the longest of the whole rollout. The tokens kept keep their positions (counted from the
+    first real token), and no real token ever attended to a padding column, so the numbers do not change."""
+    real_prompt = prompt_mask.bool().any(0)  # [P]
+    first = int(real_prompt.nonzero()[0]) if real_prompt.any() else 0
+    real_completion = completion_mask.bool().any(0)  # [L]
+    last = int(real_completion.nonzero()[-1]) + 1 if real_completion.any() else 1
+    return prompt_ids[:, first:], prompt_mask[:, first:], completion_ids[:, :last], completion_mask[:, :last]
 
 
 def check_groups(prompt_ids: torch.Tensor, group_size: int) -> None:
@@ -90,7 +116,7 @@ def check_groups(prompt_ids: torch.Tensor, group_size: int) -> None:
         raise ValueError(f"rows do not come in groups of {group_size} that share a prompt")
 
 
-def shared_prompt_logits(
+def shared_prompt_hidden(
     model: Any,
     prompt_ids: torch.Tensor,
     completion_ids: torch.Tensor,
@@ -98,7 +124,7 @@ def shared_prompt_logits(
     positions: torch.Tensor,
     group_size: int,
 ) -> torch.Tensor:
-    """Logits [N, L, V] predicting each completion token, each group's prompt forwarded once.
+    """Final hidden states [N, L, H] predicting each completion token, each group's prompt forwarded once.
 
     The prompt's keys/values, autograd graph included, go into our own caches (`rlopt_cli/prompt_cache.py`),
     which read the same on a checkpoint replay: so this route is exact with gradient checkpointing on too, and
@@ -107,42 +133,43 @@ def shared_prompt_logits(
     prompt_len = prompt_ids.shape[1]
     first = slice(None, None, group_size)  # one row per group
     shared = SharedPrompt(model)
-    cache_arg = cache_argument(model)
+    decoder = model.get_decoder()
+    cache_arg = cache_argument(decoder)
     with cache_kept_under_checkpointing(model):
-        out = model(
+        out = decoder(
             input_ids=prompt_ids[first],  # [N/G, P]
             attention_mask=attention[first, :prompt_len],
             position_ids=positions[first, :prompt_len],
             use_cache=False,  # we pass our cache; True would only make checkpointing warn that it turns it off
-            logits_to_keep=1,
             **{cache_arg: shared.prompt_cache},  # records each layer's prompt keys/values
         )
-        logits = [out.logits.repeat_interleave(group_size, 0)]  # [N, 1, V]: predicts completion token 0
+        last = out.last_hidden_state[:, -1:]  # [N/G, 1, H]: predicts completion token 0
+        hidden = [last.repeat_interleave(group_size, 0)]  # [N, 1, H]
         if completion_ids.shape[1] > 1:
-            prefix = shared.completion_cache(group_size, out.logits.requires_grad)  # [N, ...] keys/values
-            rest = model(
+            prefix = shared.completion_cache(group_size, last.requires_grad)  # [N, ...] keys/values
+            rest = decoder(
                 input_ids=completion_ids[:, :-1],  # [N, L-1]: each predicts the next completion token
                 attention_mask=attention[:, :-1],  # [N, P+L-1]: the cached prompt and the completion so far
                 position_ids=positions[:, prompt_len:-1],
                 use_cache=False,
                 **{cache_arg: prefix},
             )
-            logits.append(rest.logits)  # [N, L-1, V]
-    return torch.cat(logits, dim=1)
+            hidden.append(rest.last_hidden_state)  # [N, L-1, H]
+    return torch.cat(hidden, dim=1)
 
 
-def packed_group_logits(
+def packed_group_hidden(
     model: Any,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     group_size: int,
 ) -> torch.Tensor | None:
-    """Logits [N, L, V] predicting each completion token: one forward per group over one sequence, its prompt
-    then its G completions (minus each one's last token), where each completion attends to the prompt and to its
-    own earlier tokens only, at the positions it had after the prompt.
+    """Final hidden states [N, L, H] predicting each completion token: one forward per group over one sequence,
+    its prompt then its G completions (minus each one's last token), where each completion attends to the prompt
+    and to its own earlier tokens only, at the positions it had after the prompt.
 
-    One forward instead of `shared_prompt_logits`' two, and no cache to repeat: fewer, larger kernels, which is
+    One forward instead of `shared_prompt_hidden`'s two, and no cache to repeat: fewer, larger kernels, which is
     what short completions are bound by. The mask is dense, [N/G, 1, S, S] with S = P + G x (L-1), and attention
     costs O(S^2) per group, so this is for groups that stay short (`grpo.pack_max_tokens`). None when the
     model's attention takes no custom mask (`models.custom_attention_mask`).
@@ -169,15 +196,13 @@ def packed_group_logits(
     mask = custom_attention_mask(model, (causal & own & key_real[:, None, :]) | itself)  # [N/G, 1, S, S]
     if mask is None:
         return None
-    last_prompt = torch.tensor([prompt_len - 1], device=device)  # predicts every completion's token 0
-    keep = torch.cat([last_prompt, torch.arange(prompt_len, len(segment), device=device)])  # [1 + G(L-1)]
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep
-    )
-    logits = out.logits  # [N/G, 1 + G(L-1), V]
-    vocab = logits.shape[-1]
-    token0 = logits[:, :1].expand(groups, group_size, vocab).reshape(n, 1, vocab)  # [N, 1, V]
-    return torch.cat([token0, logits[:, 1:].reshape(n, steps, vocab)], 1)  # [N, L, V]
+    out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    hidden = out.last_hidden_state  # [N/G, S, H]
+    width = hidden.shape[-1]
+    # the prompt's last position predicts every completion's token 0
+    token0 = hidden[:, prompt_len - 1 : prompt_len].expand(groups, group_size, width)  # [N/G, G, H]
+    rest = hidden[:, prompt_len:].reshape(n, steps, width)  # [N, L-1, H]
+    return torch.cat([token0.reshape(n, 1, width), rest], 1)  # [N, L, H]
 
 
 class TokenLoss(NamedTuple):

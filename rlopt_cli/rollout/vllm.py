@@ -86,6 +86,14 @@ class VLLMBackend:
         self._sampling_params = SamplingParams
         cuda = self.device.type == "cuda"
         gpu = {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization} if cuda else {}
+        limits = {  # unset (0): vLLM's own defaults
+            key: value
+            for key, value in (
+                ("max_model_len", cfg.rollout.vllm_max_model_len),
+                ("max_num_seqs", cfg.rollout.vllm_max_num_seqs),
+            )
+            if value
+        }
         with torch.random.fork_rng(
             devices=[]
         ):  # in-process vLLM reseeds torch's global RNG: keep the trainer's
@@ -97,6 +105,7 @@ class VLLMBackend:
                 generation_config="vllm",  # ignore the model's sampling defaults: sample the policy as it is
                 enable_sleep_mode=self.sleep_mode,
                 **gpu,
+                **limits,
             )
         # Set after LLM(), which reconfigures vLLM's loggers. Each reload warns "RotaryEmbedding: Failed to load
         # weights": its cos/sin cache has no checkpoint tensor and is put back as it was (the tests check it).
@@ -149,6 +158,9 @@ class VLLMBackend:
 
     def _wake(self) -> None:
         if self.asleep:
+            # The trainer's freed blocks stay in torch's cache unless handed back: vLLM would then allocate its
+            # weights and KV cache next to the trainer's peak (TRL empties the cache before each wake-up too).
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
             push_weights(self.llm, self.model, self.dtype)
             self.llm.wake_up(tags=["kv_cache"])

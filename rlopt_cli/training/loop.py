@@ -15,7 +15,6 @@ Deliberate simplifications:
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import replace
@@ -47,6 +46,7 @@ from rlopt_cli.runtime.kill_points import kill_point
 from rlopt_cli.tasks import Example, Task, build_task
 from rlopt_cli.training.checkpoint import load_trainer_state, save_checkpoint, step_dir
 from rlopt_cli.training.evaluation import evaluate
+from rlopt_cli.training.reference import Reference, reference_dtype
 from rlopt_cli.training.run_folder import claim_run, inspect_run, summarize, update_meta, write_meta
 from rlopt_cli.training.tracking import MetricsFile, NullSink, Sink, WandbSink, read_metrics
 from rlopt_cli.training.update_fraction import UpdateReference, step_norm, weights_before_step
@@ -91,7 +91,9 @@ def run_training(cfg: RunConfig, run_dir: Path, device: torch.device, task: Task
     state = claim_run(run_dir, cfg)  # only now: a model that fails to load claims nothing
     kill_point("startup")
     model.train()
-    ref_model = frozen_copy(model) if cfg.train.objective == "grpo" and cfg.grpo.beta > 0 else None
+    ref_model = None
+    if cfg.train.objective == "grpo" and cfg.grpo.beta > 0:
+        ref_model = Reference(model, reference_dtype(cfg.grpo.ref_dtype, device), cfg.grpo.ref_offload)
     opt = cfg.optimizer
     optimizer = build_optimizer(model.parameters(), opt.name, opt.lr, opt.weight_decay, opt.extra_args)
     backend = make_backend(cfg.rollout.backend, model, tokenizer, cfg)
@@ -176,7 +178,7 @@ def run_training(cfg: RunConfig, run_dir: Path, device: torch.device, task: Task
 
 def grpo_step(
     model: Any,
-    ref_model: Any,
+    ref_model: Reference | None,
     optimizer: Any,
     backend: Backend,
     tokenizer: Any,
@@ -227,6 +229,7 @@ def grpo_step(
                 g.temperature,
                 group_size,
                 g.pack_max_tokens,
+                g.logprob_chunk_tokens,
             )  # [b, L]
 
     def frozen_logps(m: Any) -> list[torch.Tensor]:
@@ -235,7 +238,10 @@ def grpo_step(
 
     # The sampling policy's log-probs are needed only when it differs from the current one.
     old_logps = frozen_logps(model) if g.num_iterations > 1 else None
-    ref_logps = frozen_logps(ref_model) if ref_model is not None else None
+    ref_logps = None
+    if ref_model is not None:
+        with ref_model.on_device() as ref:
+            ref_logps = frozen_logps(ref)
 
     losses: list[float] = []
     kls: list[float] = []
@@ -280,6 +286,7 @@ def grpo_step(
                 p.grad = torch.zeros_like(p)
         probe_now = iteration == 0 and step in cfg.probe.steps
         norm, stats = clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm, probe_now)
+        optimizer.zero_grad(set_to_none=True)  # now: else the gradients sit on the device through the rollout
         grad_norms.append(norm)
         probed = probed or stats
     backend.sync_weights(model)
@@ -298,6 +305,7 @@ def grpo_step(
         "train/skipped_frac": 1.0 - float(carries.float().mean()),
         "train/grad_norm": grad_norms[0],
         "train/clip_active": float(grad_norms[0] > cfg.optimizer.max_grad_norm > 0),
+        "train/nonfinite_skipped": float(sum(not math.isfinite(n) for n in grad_norms)),
         "time/gen_s": gen_s,
         "probe": probed,
     }
@@ -316,23 +324,19 @@ def sft_step(
     loss.backward()
     before = weights_before_step(model) if cfg.log.update_norm else None
     grad_norm, probed = clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm, step in cfg.probe.steps)
+    optimizer.zero_grad(set_to_none=True)
     measured = {} if before is None else {"train/update_norm": step_norm(model, before)}
     return measured | {
         "probe": probed,
         "train/loss": loss.item(),
         "train/grad_norm": grad_norm,
         "train/clip_active": float(grad_norm > cfg.optimizer.max_grad_norm > 0),
+        "train/nonfinite_skipped": float(not math.isfinite(grad_norm)),
     }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # small helpers the loop reads through
-
-
-def frozen_copy(model: Any) -> Any:
-    ref = copy.deepcopy(model).eval()
-    ref.requires_grad_(False)
-    return ref
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -368,9 +372,12 @@ def set_lr(optimizer: Any, lr: float) -> None:
 
 
 def clip_and_step(model: Any, optimizer: Any, max_norm: float, probe: bool = False) -> tuple[float, Any]:
-    """Clip the global gradient norm (when max_norm > 0) and step. Returns the norm before clipping, and the
-    probe's statistics when `probe` (it reads the clipped gradient and the moments around the step)."""
+    """Clip the global gradient norm (when max_norm > 0) and step, unless the norm is NaN/Inf. Returns the norm
+    before clipping, and the probe's statistics when `probe` (it reads the clipped gradient and the moments
+    around the step)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    if not math.isfinite(float(norm)):  # NaN/Inf would poison the weights and AdamW's moments: skip, as TRL
+        return float(norm), None
     snapshot = Probe(model, optimizer) if probe else None
     optimizer.step()
     return float(norm), snapshot.after_step() if snapshot else None
