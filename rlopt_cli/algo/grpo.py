@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from rlopt_cli.algo.lm_head import output_head, token_logprobs_from_hidden
 from rlopt_cli.models.loading import cache_argument, custom_attention_mask
@@ -76,7 +77,10 @@ def token_logprobs(
         packed_len = prompt_ids.shape[1] + group_size * (completion_ids.shape[1] - 1)
         hidden = None
         if packed_len <= pack_max_tokens:
-            hidden = packed_group_hidden(model, prompt_ids, prompt_mask, completion_ids, group_size)
+            kept = packed_group_hidden(model, prompt_ids, prompt_mask, completion_ids, group_size)
+            if kept is not None:
+                logps = packed_logprobs(kept, completion_ids, output_head(model), temperature, chunk_tokens)
+                return torch.nn.functional.pad(logps, (0, full_length - logps.shape[1]))  # [N, L] as given
         if hidden is None:  # a long group, or attention that takes no custom mask (flash): share the cache
             hidden = shared_prompt_hidden(model, prompt_ids, completion_ids, attention, positions, group_size)
     else:
@@ -165,7 +169,8 @@ def packed_group_hidden(
     completion_ids: torch.Tensor,
     group_size: int,
 ) -> torch.Tensor | None:
-    """Final hidden states [N, L, H] predicting each completion token: one forward per group over one sequence,
+    """Final hidden states [N/G, 1 + G(L-1), H] of the positions that predict completion tokens (the prompt's
+    last, shared by the group, then each completion's own): one forward per group over one sequence,
     its prompt then its G completions (minus each one's last token), where each completion attends to the prompt
     and to its own earlier tokens only, at the positions it had after the prompt.
 
@@ -197,12 +202,56 @@ def packed_group_hidden(
     if mask is None:
         return None
     out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-    hidden = out.last_hidden_state  # [N/G, S, H]
-    width = hidden.shape[-1]
-    # the prompt's last position predicts every completion's token 0
-    token0 = hidden[:, prompt_len - 1 : prompt_len].expand(groups, group_size, width)  # [N/G, G, H]
-    rest = hidden[:, prompt_len:].reshape(n, steps, width)  # [N, L-1, H]
-    return torch.cat([token0.reshape(n, 1, width), rest], 1)  # [N, L, H]
+    # the prompt's last position predicts every completion's token 0, then each completion's own positions
+    return out.last_hidden_state[:, prompt_len - 1 :]  # [N/G, 1 + G(L-1), H]
+
+
+def packed_logprobs(
+    kept: torch.Tensor, completion_ids: torch.Tensor, head: Any, temperature: float, chunk_tokens: int
+) -> torch.Tensor:
+    """Log-probs [N, L] from each group's packed states kept [N/G, 1 + G(L-1), H] (`packed_group_hidden`).
+
+    lm_head runs once per kept position and the token-0 logits are shared by the group's G completions, as in
+    one forward with `logits_to_keep`: the same arithmetic, bit for bit, as before chunking existed, so runs on
+    the embedded model reproduce. Groups go `chunk_tokens` kept positions at a time (at least one whole group),
+    each chunk checkpointed when gradients are on; packed groups are short by construction
+    (`grpo.pack_max_tokens`), so a chunk's logits stay small."""
+    groups, kept_len, _ = kept.shape
+    n, length = completion_ids.shape
+    group_size = n // groups
+    per_chunk = groups if chunk_tokens <= 0 else max(1, chunk_tokens // kept_len)
+    needs_graph = torch.is_grad_enabled() and (kept.requires_grad or head.weight.requires_grad)
+    parts = []
+    for start in range(0, groups, per_chunk):
+        h = kept[start : start + per_chunk]  # [g, K, H]
+        ids = completion_ids[start * group_size : (start + per_chunk) * group_size]  # [g*G, L]
+        if needs_graph and chunk_tokens > 0:  # backward replays this chunk's logits
+            part = checkpoint(
+                packed_chunk_logprobs,
+                h,
+                ids,
+                head,
+                temperature,
+                use_reentrant=False,
+                preserve_rng_state=False,
+            )
+        else:
+            part = packed_chunk_logprobs(h, ids, head, temperature)
+        parts.append(part)
+    return torch.cat(parts)  # [N, L]
+
+
+def packed_chunk_logprobs(h: torch.Tensor, ids: torch.Tensor, head: Any, temperature: float) -> torch.Tensor:
+    """h [g, 1 + G(L-1), H], ids [g*G, L] -> log-probs [g*G, L] in fp32."""
+    groups, n, length = h.shape[0], ids.shape[0], ids.shape[1]
+    logits = head(h)  # [g, 1 + G(L-1), V]
+    vocab = logits.shape[-1]
+    group_size = n // groups
+    token0 = logits[:, :1].expand(groups, group_size, vocab).reshape(n, 1, vocab)  # [g*G, 1, V]
+    logits = torch.cat([token0, logits[:, 1:].reshape(n, length - 1, vocab)], 1).float()  # [g*G, L, V]
+    if temperature != 1.0:  # score under the distribution the rollouts were sampled from
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [g*G, L]
 
 
 class TokenLoss(NamedTuple):
