@@ -21,7 +21,8 @@ weights; the arithmetic task is worded for a chat model (`task.prompt_style=inst
 answer) and goes through the tokenizer's chat template on both sides: rlopt renders it as text, TRL gets
 conversational prompts and applies it itself, and the worker checks that the two give the same prompt token ids
 before it starts. 128 new tokens at most (`--max-new-tokens`), temperature 0.7 (rlopt's real-model demo), SGD lr
-0.1 (the demo's). Completions end at the model's EOS, so their length is the model's, the same for both sides.
+1e-3 (small, so the policy and its completion lengths barely move during the benchmark). Completions end at the
+model's EOS, so their lengths are the model's: draws from one distribution on both sides.
 
 Every measured step is also cut into phases, the same on both sides (`benchmarks/grpo_phases.py`): generation,
 log-prob forward, backward, clip + optimizer step, other; the medians are printed per side.
@@ -49,9 +50,12 @@ NUM_GENERATIONS = 8
 MAX_NEW_TOKENS = 6
 DEFAULT_LR = {"sgd": 0.003, "adamw": 3e-5}  # the demo's learning rates (README: measured at this size)
 EMBEDDED = "embedded"
-# A real model: `rlopt demo --model`'s learning rates and temperature; completions of a realistic length (the
-# model answers '47 + 38 = 85' in about 10 tokens, or explains at length, and stops at its EOS).
-REAL_LR = {"sgd": 0.1, "adamw": 1e-6}
+# A real model: `rlopt demo --model`'s temperature; completions of a realistic length (the model answers
+# '47 + 38 = 85' in about 10 tokens, or explains at length, and stops at its EOS). Small learning rates, so that the
+# policy barely moves during the benchmark and both sides keep sampling (about) the starting model's completion
+# lengths, their workload. At the demo's SGD lr 0.1 (clipped steps of L2 norm 0.1) they drifted apart: over 2
+# measured steps at 128 tokens, after one warm-up step, TRL's completions averaged 42 tokens and rlopt's 14.
+REAL_LR = {"sgd": 1e-3, "adamw": 1e-6}
 REAL_MAX_NEW_TOKENS = 128
 REAL_TEMPERATURE = 0.7
 REAL_N_EVAL = 8  # rlopt's untimed evals before step 1 and after the last: a few prompts, not 200
@@ -421,7 +425,8 @@ def report(results: dict[str, list[dict[str, Any]]], suffix: str = "") -> list[s
             f"min {min(times):.4f}, {len(times)} steps), {cpu[side]:.4f} CPU s/step (median), "
             f"{completions / wall[side]:.3g} completions/s wall, {completions / cpu[side]:.3g} per CPU s; "
             f"mean reward {statistics.fmean(run['reward_mean'] for run in runs):.3f}, "
-            f"mean completion {statistics.fmean(n for run in runs for n in run['completion_len']):.1f} tokens, "
+            f"mean completion {statistics.fmean(n for run in runs for n in run['completion_len']):.1f} tokens "
+            f"(per step: {' '.join(f'{n:.1f}' for run in runs for n in run['completion_len'])}), "
             f"peak RSS {max(run['peak_rss'] for run in runs) / 2**20:.0f} MiB",
             flush=True,
         )

@@ -122,7 +122,7 @@ def test_grpo_benchmark_defaults_per_model() -> None:
     embedded = grpo_bench.parse_args([])
     real = grpo_bench.parse_args(["--model", "asset:smollm2-135m-instruct"])
     assert (embedded.max_new_tokens, embedded.temperature, embedded.lr, embedded.steps) == (6, 1.0, 0.003, 30)
-    assert (real.max_new_tokens, real.temperature, real.lr, real.steps) == (128, 0.7, 0.1, 5)
+    assert (real.max_new_tokens, real.temperature, real.lr, real.steps) == (128, 0.7, 0.001, 5)
     assert not real.cold  # a real model is loaded as it is
     assert grpo_bench.task_flags(embedded) == {"task.chat_template": False}
     assert grpo_bench.task_flags(real)["task.prompt_style"] == "instruct"
