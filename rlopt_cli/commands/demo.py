@@ -20,7 +20,7 @@ SGD_LR = 0.003
 ADAMW_LR = 3e-5
 # With --model (a fetched real model): lrs from the scan in recipes/real/smollm2_arith_scan.toml (README, "A real
 # model on CPU: SGD vs AdamW"); the demo's few steps on CPU show that both optimizers learn, not which is best.
-REAL_LRS = {"sgd": 0.1, "adamw": 1e-5}
+REAL_LRS = {"sgd": 0.01, "adamw": 1e-5}
 # A real model on CPU costs seconds per step: fewer steps and eval problems, and the arithmetic task worded for a
 # chat model ('Compute 47+38. Reply with just the result.', the last integer is the answer), the settings of
 # recipes/real/smollm2_arith.toml.
@@ -52,7 +52,7 @@ TASKS = ("arithmetic", "gsm8k")
 @friendly_errors
 def demo(
     steps: int | None = typer.Option(
-        None, "--steps", help="GRPO steps per optimizer [150; with --model 10, or 4 for gsm8k]."
+        None, "--steps", help="GRPO steps per optimizer [150; with --model 12, or 4 for gsm8k]."
     ),
     sgd_lr: float | None = typer.Option(
         None, "--sgd-lr", help=f"SGD learning rate [{SGD_LR}; {REAL_LRS['sgd']:g} with --model]."
@@ -92,7 +92,7 @@ def demo(
             base = {**base, **GSM8K_OVERRIDES, **files}
     lrs = REAL_LRS if model is not None else {"sgd": SGD_LR, "adamw": ADAMW_LR}
     chosen = {"sgd": sgd_lr, "adamw": adamw_lr}
-    default_steps = 150 if model is None else (10 if task == "arithmetic" else 4)
+    default_steps = 150 if model is None else (12 if task == "arithmetic" else 4)
     flags = {"train.steps": steps or default_steps, "train.seed": seed}
     # the real model's settings go first, so the user's --set overrides them
     first = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in base.items()]
