@@ -190,7 +190,15 @@ def test_same_seed_same_metrics_other_seed_differs(
 @pytest.mark.parametrize(
     "extra",
     [
-        ("grpo.beta=0.04", "grpo.num_iterations=2", "grpo.micro_batch_size=4", "grpo.loss_type='grpo'"),
+        # random init: a warm model can sample 4 identical completions, whose forced advantages cancel exactly
+        # (no gradient, so no KL), on some CPU kernels' trajectory; a random one samples distinct ones
+        (
+            "grpo.beta=0.04",
+            "grpo.num_iterations=2",
+            "grpo.micro_batch_size=4",
+            "grpo.loss_type='grpo'",
+            "model.warmup_steps=0",
+        ),
         ("train.objective='sft'", "sft.batch_size=8", "optimizer.name='rmsprop'", "optimizer.lr=1e-4"),
         (
             "grpo.mask_truncated_completions=true",
@@ -313,24 +321,28 @@ def test_update_norm_is_the_step_sgd_takes(
     tmp_path: Path, tiny_overrides: list[str], objective: str, forced_rewards
 ) -> None:
     """Plain SGD moves the weights by lr x the clipped gradient: the logged step norm must say exactly that,
-    clipped (norm 1e-3, always active) and unclipped."""
+    clipped (at 0.1) and unclipped. A random-init model, so the forced groups' completions differ and carry
+    a gradient; steps whose expected move is below 1e-3 are not compared (fp32 weights cannot resolve a step
+    spread over 1M coordinates that small), and each case must compare at least one step."""
     forced_rewards(first_of_each(4))
-    lr = 0.01
-    for max_norm in (1e-3, 0.0):
+    for lr, max_norm in ((1.0, 0.1), (0.1, 0.0)):
         cfg = tiny(
             tiny_overrides,
             "train.steps=2",
             f"train.objective={objective}",
+            "model.warmup_steps=0",
             "optimizer.name=sgd",
             f"optimizer.lr={lr}",
             f"optimizer.max_grad_norm={max_norm}",
             "log.update_norm=true",
-            f"train.seed={int(max_norm > 0)}",
         )
         rows = read_metrics(trainer.train(cfg, tmp_path / f"clip{max_norm}", quiet))[1:]
+        compared = 0
         for row in rows:
             taken = min(row["train/grad_norm"], max_norm) if max_norm > 0 else row["train/grad_norm"]
-            assert row["train/grad_norm"] > 0
-            assert row["train/update_norm"] == pytest.approx(lr * taken, rel=1e-3)
+            if lr * taken >= 1e-3:
+                assert row["train/update_norm"] == pytest.approx(lr * taken, rel=1e-3)
+                compared += 1
+        assert compared >= 1, rows
     off = read_metrics(trainer.train(tiny(tiny_overrides, "train.steps=1"), tmp_path / "off", quiet))
     assert "train/update_norm" not in off[1]
