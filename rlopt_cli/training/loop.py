@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from rlopt_cli.algo import grpo, sft
 from rlopt_cli.algo.optimizers import build_optimizer, state_bytes
@@ -46,6 +45,7 @@ from rlopt_cli.runtime.kill_points import kill_point
 from rlopt_cli.tasks import Example, Task, build_task
 from rlopt_cli.training.checkpoint import load_trainer_state, save_checkpoint, step_dir
 from rlopt_cli.training.evaluation import evaluate
+from rlopt_cli.training.progress import progress_bar, progress_info
 from rlopt_cli.training.reference import Reference, reference_dtype
 from rlopt_cli.training.run_folder import claim_run, inspect_run, summarize, update_meta, write_meta
 from rlopt_cli.training.tracking import MetricsFile, NullSink, Sink, WandbSink, read_metrics
@@ -392,24 +392,3 @@ def optimizer_metrics(optimizer: Any) -> dict[str, float]:
 
 def due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
-
-
-def progress_info(row: dict[str, float]) -> str:
-    parts = [
-        f"{k.split('/')[1]}={row[k]:.3f}"
-        for k in ("train/reward_mean", "train/loss", "eval/accuracy")
-        if k in row
-    ]
-    return " ".join(parts)
-
-
-def progress_bar(cfg: RunConfig) -> Any:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        disable=not cfg.log.progress,
-        transient=False,
-    )
