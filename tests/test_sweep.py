@@ -225,6 +225,34 @@ def test_local_launcher_runs_skips_finished_and_reports(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_forked_cells_train_what_fresh_interpreters_train(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local pool forks each cell from a server that imported torch and transformers in advance (~7 s a cell
+    saved); a forked cell must run the pinned kernels and train the same weights, bit for bit, as a cell in a fresh
+    interpreter."""
+    import multiprocessing
+
+    from rlopt_cli.study import launchers
+
+    only = ["--only", "variant=sgd", "--only", "seed=0"]
+    forked = invoke("sweep", str(SMOKE), *only, "--out", str(tmp_path / "forked"))
+    assert forked.exit_code == 0, forked.output
+    assert launchers._fork_server_isa == ["avx2"]  # the fork server did run these cells
+    monkeypatch.setattr(
+        launchers, "pool_context", lambda jobs: (multiprocessing.get_context("spawn"), os.getpid())
+    )
+    fresh = invoke("sweep", str(SMOKE), *only, "--out", str(tmp_path / "fresh"))
+    assert fresh.exit_code == 0, fresh.output
+    cell = Path("sweep_smoke") / "grpo__sgd__lr0.01__s0"
+    runs = [tmp_path / "forked" / cell, tmp_path / "fresh" / cell]
+    weights = [(r / "checkpoints" / "step-000003" / "model.safetensors").read_bytes() for r in runs]
+    assert weights[0] == weights[1]
+    kernels = [json.loads((r / "meta.json").read_text())["sessions"][0]["cpu_kernels"] for r in runs]
+    assert kernels[0] == kernels[1] and kernels[0]["pinned"]
+
+
+@pytest.mark.slow
 def test_killed_sweep_resumes_the_partial_cell(tmp_path: Path) -> None:
     """kill -9 the whole sweep (main process and worker) after the cell's first checkpoint, then rerun."""
     path = tmp_path / "kill.toml"

@@ -29,7 +29,7 @@ from typing import Any
 
 from rlopt_cli.config.recipes import from_dict
 from rlopt_cli.errors import RloptError
-from rlopt_cli.runtime.cpu_kernels import pin
+from rlopt_cli.runtime.cpu_kernels import VARIABLES, pin
 
 OnFinish = Callable[[str, "dict[str, Any] | None", "str | None"], None]
 """Called as on_finish(cell_name, summary or None, error line or None) when a cell ends."""
@@ -89,9 +89,22 @@ def cpu_count() -> int:
 # local: a process pool
 
 
-def die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int | None) -> None:
     """Pool initializer: the worker is killed when the sweep process dies, even by kill -9, so no orphan goes on
-    training (and holding its run folder). Linux: the kernel's parent-death signal; elsewhere a watchdog thread."""
+    training (and holding its run folder). Linux: the kernel's parent-death signal; elsewhere a watchdog thread.
+    `parent` None: the worker's parent is a fork server. The server stays up while anyone holds its "alive" pipe,
+    and every forked worker inherits a write end of it; closing ours leaves the sweep process the only holder, so
+    the server exits when the sweep does, and its death signals the worker."""
+    if parent is None:
+        from multiprocessing import forkserver
+
+        server: Any = (
+            forkserver._forkserver
+        )  # the stdlib keeps the inherited end here (private, unchanged 3.4-3.13)
+        if server._forkserver_alive_fd is not None:
+            os.close(server._forkserver_alive_fd)
+            server._forkserver_alive_fd = None
+        parent = os.getppid()
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
@@ -107,15 +120,61 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+# What every cell imports before it trains: ~7 s of one core per process (torch 3 s, the training loop and
+# transformers' generation and model modules the rest), often as long as a 100-step embedded run itself.
+PRELOAD = (
+    "rlopt_cli.training.loop",
+    "transformers.generation.utils",
+    "transformers.models.qwen2.modeling_qwen2",
+    "transformers.models.llama.modeling_llama",
+)
+_fork_server_isa: list[str] = []  # the cpu_isa the fork server was started with (it lives as long as we do)
+
+
+def pool_context(jobs: list[Job]) -> tuple[Any, int | None]:
+    """The start method for the local pool, and the parent its workers must die with.
+
+    A fork server that has imported PRELOAD (with the cells' kernels pinned first, since the libraries read their
+    variables only in the process that runs kernels) forks each cell's process in milliseconds instead of ~7 s of
+    imports. It runs no kernel, so no OpenMP pool or kernel choice is forked. When cells differ in train.cpu_isa,
+    or the platform has no fork server: a fresh spawned interpreter each. A server started for another isa (an
+    earlier sweep in this process) is stopped first: its libraries chose their kernels by the old variables."""
+    isas = {str(job.config.get("train", {}).get("cpu_isa", "avx2")) for job in jobs}
+    if len(isas) != 1 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn"), os.getpid()
+    from multiprocessing import forkserver
+
+    isa = isas.pop()
+    if _fork_server_isa and _fork_server_isa[0] != isa:
+        stoppable: Any = forkserver._forkserver  # private too; no pool is using it: sweeps run one at a time
+        stoppable._stop()
+        _fork_server_isa.clear()
+    ctx = multiprocessing.get_context("forkserver")
+    if not _fork_server_isa:
+        saved = {v: os.environ.get(v) for v in VARIABLES}
+        pin(isa)  # into the environment the server starts with, then back: this process stays as it was
+        ctx.set_forkserver_preload(list(PRELOAD))
+        try:
+            forkserver.ensure_running()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        _fork_server_isa.append(isa)
+    return ctx, None
+
+
 def launch_local(jobs: list[Job], settings: Any, workers: int, on_finish: OnFinish, on_tick: OnTick) -> None:
-    """Each cell in its own spawned process, `workers` at a time. Spawn: no forked torch/OpenMP state. One
-    cell per process (max_tasks_per_child=1): peak memory is the process's high-water mark (ru_maxrss), which a
-    reused worker would carry over from its previous cell; it costs ~3 s of imports per cell. Workers die with
-    the sweep process (`die_with_parent`)."""
-    ctx = multiprocessing.get_context("spawn")
+    """Each cell in its own process, `workers` at a time, forked from a server that has done the imports
+    (`pool_context`). One cell per process (max_tasks_per_child=1): peak memory is the process's high-water mark
+    (ru_maxrss), which a reused worker would carry over from its previous cell. Workers die with the sweep
+    process (`die_with_parent`)."""
+    ctx, parent = pool_context(jobs)
     one_each: dict[str, Any] = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
     with cf.ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),), **one_each
+        max_workers=workers, mp_context=ctx, initializer=die_with_parent, initargs=(parent,), **one_each
     ) as pool:
         futures = {pool.submit(run_cell, job): job.name for job in jobs}
         pending = set(futures)
