@@ -294,6 +294,22 @@ def test_sampling_layout_seeds_and_masks(engines: tuple[Any, Any, Any]) -> None:
     assert rollout.truncated.any() and (~rollout.truncated).any()  # a random model does both
 
 
+def test_unseeded_requests_draw_from_the_engines_stream(engines: tuple[Any, Any, Any]) -> None:
+    """rollout.vllm_request_seeds = false: no request carries a seed, so the call's seed no longer fixes the draw
+    (one engine stream for the batch, vLLM's fast path); with seeds (the default) it does."""
+    vllm_backend, _, _ = engines
+    prompts = ["1+1=", "23+45="]
+    vllm_backend.request_seeds = False
+    try:
+        first = vllm_backend.generate(prompts, 16, 6, 1.0, seed=3)
+        second = vllm_backend.generate(prompts, 16, 6, 1.0, seed=3)
+    finally:
+        vllm_backend.request_seeds = True
+    assert not torch.equal(first.completion_ids, second.completion_ids)
+    seeded = [vllm_backend.generate(prompts, 16, 6, 1.0, seed=3).completion_ids for _ in range(2)]
+    assert torch.equal(seeded[0], seeded[1])
+
+
 def test_engine_returns_its_sampled_tokens_logprobs(engines: tuple[Any, Any, Any]) -> None:
     """Each sampled token's log-prob after temperature, as the engine sampled it, equals the trainer's (fp32 both);
     greedy decoding returns none."""

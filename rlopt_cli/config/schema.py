@@ -343,9 +343,17 @@ class RolloutConfig:
     makes vLLM check that one such sequence fits its KV cache). The paper recipes set prompt cap + completion."""
     vllm_max_num_seqs: int = 0
     """vllm: sequences decoded at once; 0 = vLLM's default. A batch of 1,024 completions fills it many times."""
+    vllm_max_num_batched_tokens: int = 0
+    """vllm: tokens one engine step may process (prefill chunks + decodes); 0 = vLLM's default for the device."""
+    vllm_request_seeds: bool = True
+    """vllm: give every prompt its own seed (its n samples seed + j), so a step's completions depend on the step
+    alone: a resumed run draws what an uninterrupted one would. The price: vLLM draws the noise of seeded requests
+    one request at a time (a Python loop per decoded token over up to max_num_seqs requests). false: one seeded
+    engine draws for the whole batch at once (faster on big batches; a resumed run then samples otherwise)."""
 
     def __post_init__(self) -> None:
         _choice(self.backend, ("hf", "vllm"), "rollout.backend")
+        _positive(self.vllm_max_num_batched_tokens, "rollout.vllm_max_num_batched_tokens", allow_zero=True)
         _positive(self.vllm_max_model_len, "rollout.vllm_max_model_len", allow_zero=True)
         _positive(self.vllm_max_num_seqs, "rollout.vllm_max_num_seqs", allow_zero=True)
         _choice(self.vllm_dtype, ("auto", "bfloat16", "float16", "float32"), "rollout.vllm_dtype")

@@ -87,6 +87,7 @@ class VLLMBackend:
                 "pip install -e '.[vllm]' (or `make vllm`)"
             ) from None
         self._sampling_params = SamplingParams
+        self.request_seeds = cfg.rollout.vllm_request_seeds
         cuda = self.device.type == "cuda"
         gpu = {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization} if cuda else {}
         limits = {  # unset (0): vLLM's own defaults
@@ -94,6 +95,7 @@ class VLLMBackend:
             for key, value in (
                 ("max_model_len", cfg.rollout.vllm_max_model_len),
                 ("max_num_seqs", cfg.rollout.vllm_max_num_seqs),
+                ("max_num_batched_tokens", cfg.rollout.vllm_max_num_batched_tokens),
             )
             if value
         }
@@ -130,7 +132,8 @@ class VLLMBackend:
                 n=1 if greedy else n,
                 temperature=temperature,
                 max_tokens=max_new_tokens,
-                seed=seed + i * n,  # child j of prompt i gets seed + i*n + j: every sample has its own stream
+                # child j of prompt i gets seed + i*n + j: every sample has its own stream
+                seed=seed + i * n if self.request_seeds else None,
                 stop_token_ids=[self.tokenizer.eos_token_id],
                 logprobs=None if greedy else 0,  # 0: the sampled token's log-prob only
             )
