@@ -12,13 +12,26 @@ import torch
 from rlopt_cli.config.optimizers import OPTIMIZERS, resolved_args
 
 
+def update_kernels(device_type: str) -> dict[str, Any]:
+    """How torch applies the update on `device_type`'s parameters.
+
+    CPU: tensor by tensor (foreach=False), as every run so far: the same numbers, bit for bit. CUDA: foreach, one
+    kernel per operation over all tensors instead of one per tensor (a 28-layer model has ~300 tensors, so the
+    per-tensor loop is launch-bound); torch's own CUDA default. Not fused: its single kernel reorders the
+    arithmetic, so its numbers are not the loop's. The cost: AdamW's foreach step holds one transient fp32 copy of
+    the parameters (its sqrt(v) list). A resumed run keeps the choice its checkpoint was saved with (torch
+    restores `foreach` with the param groups), so resume stays exact."""
+    return {"foreach": device_type == "cuda"}
+
+
 def build_optimizer(
     params: Any, name: str, lr: float, weight_decay: float, args: dict[str, Any]
 ) -> torch.optim.Optimizer:
+    params = list(params)
     spec = OPTIMIZERS[name]
     cls = getattr(torch.optim, spec.torch_class)
-    # foreach=False keeps the CPU path simple and bitwise deterministic across resume.
-    return cls(params, lr=lr, weight_decay=weight_decay, foreach=False, **resolved_args(name, args))
+    kernels = update_kernels(params[0].device.type if params else "cpu")
+    return cls(params, lr=lr, weight_decay=weight_decay, **kernels, **resolved_args(name, args))
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:

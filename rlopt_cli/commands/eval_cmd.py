@@ -37,7 +37,11 @@ def eval_checkpoint(
         raise RloptError(f"--temperature {temperature} must be a finite number > 0 when sampling (--samples)")
     ckpt = resolve_checkpoint(checkpoint, step)
     data = read_toml(ckpt / "rlopt.toml") if (ckpt / "rlopt.toml").is_file() else {}
+    # the run's attention kernel (model.attn_implementation); the weights are the checkpoint's
+    attention = data.get("model", {}).get("attn_implementation")
     data = {k: v for k, v in data.items() if k in ("task", "rollout", "grpo", "train")}
+    if attention:
+        data["model"] = {"attn_implementation": attention}
     for item in overrides:
         set_dotted(data, *parse_override(item))
     cfg = from_dict(data)
@@ -52,7 +56,7 @@ def eval_checkpoint(
     from rlopt_cli.training.evaluation import evaluate
 
     device = resolve_device(cfg.train.device)
-    model, tokenizer = load_pretrained(ckpt, device)
+    model, tokenizer = load_pretrained(ckpt, device, cfg.model.attn_implementation)
     model.eval()
     task = build_task(cfg.task)
     backend = make_backend(cfg.rollout.backend, model, tokenizer, cfg)

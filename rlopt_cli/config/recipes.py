@@ -37,6 +37,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise RloptError(f"{key} must be a list of {len(args)} numbers, e.g. [0.9, 0.999]; got {value!r}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RloptError(f"{key} must be a table, e.g. {{enable_thinking = false}}; got {value!r}")
+        return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
             raise RloptError(f"{key} must be true or false; got {value!r}")

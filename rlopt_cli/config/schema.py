@@ -22,6 +22,15 @@ SCALE_REWARDS = ("group", "batch", "none")
 PRECISIONS = ("fp32", "bf16-autocast")
 SAVE_DTYPES = ("bfloat16", "float32", "float16")
 SCHEDULES = ("constant", "cosine")
+ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
+# apply_chat_template arguments that rlopt sets itself: a recipe may not override them
+TEMPLATE_ARGS_SET = (
+    "conversation",
+    "tokenize",
+    "add_generation_prompt",
+    "return_dict",
+    "continue_final_message",
+)
 
 
 def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
@@ -74,8 +83,13 @@ class ModelConfig:
     """Embedded model: examples per warm-up step."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (real models on a GPU)."""
+    attn_implementation: str = "auto"
+    """The transformers attention kernel of the trained model (and its reference): auto = transformers' choice
+    (sdpa where the model supports it), eager, sdpa, flash_attention_2 (CUDA and the flash-attn package), or
+    flex_attention. vLLM rollouts pick their own kernel."""
 
     def __post_init__(self) -> None:
+        _choice(self.attn_implementation, ATTENTION, "model.attn_implementation")
         for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "warmup_batch_size"):
             _positive(getattr(self, key), f"model.{key}")
         _positive(self.warmup_steps, "model.warmup_steps", allow_zero=True)
@@ -124,8 +138,21 @@ class TaskConfig:
     """GSM8K: 'strict' takes the number after '####', 'flexible' the last number in the completion."""
     chat_template: bool = True
     """Wrap prompts in the tokenizer's chat template when it has one (the embedded tokenizer has none)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+    """Extra variables for the chat template (transformers' apply_chat_template kwargs), e.g.
+    {enable_thinking = false} for Qwen3's non-thinking mode; empty = the template's defaults."""
 
     def __post_init__(self) -> None:
+        if self.chat_template_kwargs and not self.chat_template:
+            raise RloptError(
+                "task.chat_template_kwargs is set but task.chat_template = false, so no template reads it: "
+                "remove task.chat_template_kwargs or set task.chat_template=true"
+            )
+        if taken := sorted(set(self.chat_template_kwargs) & set(TEMPLATE_ARGS_SET)):
+            raise RloptError(
+                f"task.chat_template_kwargs may not set {', '.join(taken)} (rlopt sets it: a user turn with the "
+                "generation prompt); remove it"
+            )
         _positive(self.digits, "task.digits")
         _positive(self.n_eval, "task.n_eval", allow_zero=True)
         _choice(self.answer_mode, ("strict", "flexible"), "task.answer_mode")

@@ -8,6 +8,7 @@ trainer, checkpoints and sparsity tools run on it as on Qwen3-8B.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 from pathlib import Path
@@ -81,6 +82,7 @@ def build_embedded_model(
     from transformers import Qwen2Config, Qwen2ForCausalLM  # heavy: imported on use
 
     config = Qwen2Config(
+        **attention_kwargs(cfg.attn_implementation),
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -156,23 +158,57 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_pretrained(path: str | Path, device: torch.device) -> tuple[Any, PreTrainedTokenizerBase]:
-    """fp32 master weights on `device`, whatever dtype the folder stores (bf16 autocast is the trainer's job)."""
+def check_attention(name: str, device: torch.device) -> None:
+    """Refuse, before anything loads, an attention kernel this machine cannot run."""
+    if name != "flash_attention_2":
+        return
+    if device.type != "cuda":
+        raise RloptError(
+            f"model.attn_implementation = 'flash_attention_2' needs a CUDA device, but this run is on {device}: "
+            "use sdpa (or auto) on CPU"
+        )
+    if importlib.util.find_spec("flash_attn") is None:
+        raise RloptError(
+            "model.attn_implementation = 'flash_attention_2' needs the flash-attn package: "
+            "pip install flash-attn --no-build-isolation, or use sdpa"
+        )
+
+
+def attention_kwargs(name: str) -> dict[str, str]:
+    """`attn_implementation` for transformers; nothing for 'auto', so transformers chooses as it always did."""
+    return {} if name == "auto" else {"attn_implementation": name}
+
+
+def load_pretrained(
+    path: str | Path, device: torch.device, attn_implementation: str = "auto"
+) -> tuple[Any, PreTrainedTokenizerBase]:
+    """fp32 master weights on `device`, whatever dtype the folder stores (bf16 autocast is the trainer's job).
+
+    The weights load straight onto `device` (`device_map`): each tensor is read from the safetensors file, cast
+    to fp32 and placed there, so a GPU run never holds a whole fp32 copy in host memory (6.9 GB at Qwen3-1.7B)
+    before moving it. On CPU this changes nothing: the same peak memory and the same weights, bit for bit."""
     import torch  # heavy: imported on use
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: imported on use
 
     check_model_path(path)
+    check_attention(attn_implementation, device)
     quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=torch.float32,
+            use_safetensors=True,
+            device_map=device,
+            **attention_kwargs(attn_implementation),
+        )
     except (OSError, ValueError) as err:  # a missing or malformed config.json / tokenizer file
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise RloptError(f"cannot load model {path}: {reason}") from None
     if tokenizer.pad_token is None:  # many base models ship without one; generation needs it
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return cast(Any, model).to(device), tokenizer
+    return cast(Any, model), tokenizer
 
 
 def load_policy(
@@ -181,11 +217,12 @@ def load_policy(
     """The model a run starts from: a model folder, the embedded model's warm-up checkpoint (`warm_start`, made
     by the warm-up stage, rlopt_cli/training/warmup.py), or a random embedded model. Loading never trains."""
     quiet_transformers()
+    check_attention(cfg.model.attn_implementation, device)
     model: Any
     if not cfg.model.is_embedded:
-        model, tokenizer = load_pretrained(cfg.model.name_or_path, device)
+        model, tokenizer = load_pretrained(cfg.model.name_or_path, device, cfg.model.attn_implementation)
     elif warm_start is not None:
-        model, tokenizer = load_pretrained(warm_start, device)
+        model, tokenizer = load_pretrained(warm_start, device, cfg.model.attn_implementation)
     else:
         tokenizer = build_char_tokenizer()
         model = cast(Any, build_embedded_model(cfg.model, len(tokenizer), tokenizer)).to(device)
@@ -206,18 +243,42 @@ def enable_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_template: bool) -> list[str]:
-    """Wrap each prompt as a user turn when the tokenizer has a chat template (and it is wanted)."""
-    if not (chat_template and getattr(tokenizer, "chat_template", None)):
+def uses_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> bool:
+    """Whether `render_prompts` wraps prompts in the template: it is wanted and the tokenizer has one."""
+    return bool(chat_template and getattr(tokenizer, "chat_template", None))
+
+
+def render_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    chat_template: bool,
+    template_kwargs: dict[str, Any] | None = None,
+) -> list[str]:
+    """Wrap each prompt as a user turn when the tokenizer has a chat template (and it is wanted);
+    `template_kwargs` are the template's own variables (task.chat_template_kwargs, e.g. enable_thinking)."""
+    if not uses_chat_template(tokenizer, chat_template):
         return prompts
     return [
         str(
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                [{"role": "user", "content": p}],
+                tokenize=False,
+                add_generation_prompt=True,
+                **(template_kwargs or {}),
             )
         )
         for p in prompts
     ]
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], templated: bool) -> Any:
+    """Left-padded ids and attention mask of `prompts` (a BatchEncoding of [B, P] tensors).
+
+    Templated text already holds every special token the model expects (a Llama-3 template writes
+    <|begin_of_text|> itself), so it is encoded without the tokenizer's own, as transformers'
+    `apply_chat_template(tokenize=True)` does; else a BOS-adding tokenizer gives two BOS. Plain prompts keep
+    them (the embedded tokenizer prepends its [BOS])."""
+    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not templated)
 
 
 def mark_saved_dtype(folder: Path, dtype_name: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlopt_cli.errors import RloptError
+from rlopt_cli.models.loading import uses_chat_template
 from rlopt_cli.rollout.base import Backend, Rollout
 from rlopt_cli.rollout.hf import HFBackend
 from rlopt_cli.rollout.vllm import VLLMBackend  # imports vllm itself only when an engine starts
@@ -21,8 +22,9 @@ BACKENDS = ("hf", "vllm")
 
 
 def make_backend(name: str, model: Any, tokenizer: Any, cfg: Any) -> Backend:
+    """A backend for prompts rendered by `render_prompts(..., cfg.task.chat_template, ...)`."""
     if name == "hf":
-        return HFBackend(model, tokenizer)
+        return HFBackend(model, tokenizer, uses_chat_template(tokenizer, cfg.task.chat_template))
     if name == "vllm":
         return VLLMBackend(model, tokenizer, cfg)
     raise RloptError(f"unknown rollout backend {name!r}; choose one of {', '.join(BACKENDS)}")

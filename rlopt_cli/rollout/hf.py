@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rlopt_cli.models.loading import cache_argument, custom_attention_mask, returned_cache
+from rlopt_cli.models.loading import cache_argument, custom_attention_mask, encode_prompts, returned_cache
 from rlopt_cli.rollout.base import Rollout
 
 
@@ -32,9 +32,11 @@ def sample(
     max_new_tokens: int,
     temperature: float,
     generator: torch.Generator | None,
+    templated: bool = False,
 ) -> Rollout:
+    """n completions of each prompt; `templated`: the prompts went through the chat template (`encode_prompts`)."""
     device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    enc = encode_prompts(tokenizer, prompts, templated)
     prompt_ids = enc.input_ids.repeat_interleave(n, 0).to(device)  # [N, P]
     prompt_mask = enc.attention_mask.repeat_interleave(n, 0).to(device)  # [N, P]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -104,10 +106,11 @@ def sample(
 
 
 class HFBackend:
-    """Generation with the trainer's own model object: its weights are always the current ones."""
+    """Generation with the trainer's own model object: its weights are always the current ones. `templated`:
+    the prompts it is given went through the chat template (`models.loading.uses_chat_template`)."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: Any, tokenizer: Any, templated: bool = False) -> None:
+        self.model, self.tokenizer, self.templated = model, tokenizer, templated
 
     def generate(
         self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int
@@ -117,7 +120,9 @@ class HFBackend:
         was_training = self.model.training
         self.model.eval()
         try:
-            rollout = sample(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, generator)
+            rollout = sample(
+                self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, generator, self.templated
+            )
             return rollout.normal_tensors()
         finally:
             self.model.train(was_training)

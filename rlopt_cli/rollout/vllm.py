@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from rlopt_cli.errors import RloptError
-from rlopt_cli.models.loading import mark_saved_dtype
+from rlopt_cli.models.loading import encode_prompts, mark_saved_dtype, uses_chat_template
 from rlopt_cli.rollout.base import Rollout
 
 CPU_KV_CACHE_GIB = "1"  # the KV cache vLLM reserves on CPU; plenty for small models, cheap on a shared box
@@ -71,6 +71,7 @@ class VLLMBackend:
 
     def __init__(self, model: Any, tokenizer: Any, cfg: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.templated = uses_chat_template(tokenizer, cfg.task.chat_template)  # the trainer renders them so
         self.device = next(model.parameters()).device
         self.dtype = engine_dtype(cfg.rollout.vllm_dtype, self.device)
         self.sleep_mode = cfg.rollout.vllm_sleep_mode and self.device.type == "cuda"
@@ -121,7 +122,7 @@ class VLLMBackend:
         self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int
     ) -> Rollout:
         self._wake()
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        enc = encode_prompts(self.tokenizer, prompts, self.templated)
         requests = [
             {"prompt_token_ids": ids[mask.bool()].tolist()}
             for ids, mask in zip(enc.input_ids, enc.attention_mask, strict=True)

@@ -5,8 +5,12 @@ the worker calls `run_cell`, which rebuilds the RunConfig and calls `trainer.tra
 partial run folder and skips a finished one, and every file it writes is renamed into place, killing a sweep
 at any moment (Ctrl-C, kill -9, a preempted SLURM task) loses no finished run: rerunning it does the rest.
 
+GPUs: with `[sweep.resources] num_gpus = k`, the local launcher gives every running cell k GPUs of its own,
+through CUDA_VISIBLE_DEVICES set in the cell's process before CUDA starts there (`GpuPool`); Ray and SLURM
+assign GPUs themselves.
+
 Deliberate simplifications: a failed cell is reported and the others go on (no retries); the local launcher
-counts a cell as running from the moment the pool hands it to a worker process.
+counts a cell as running from the moment the pool hands it to a worker process; local cells get whole GPUs.
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from rlopt_cli.config.recipes import from_dict
 from rlopt_cli.errors import RloptError
 from rlopt_cli.runtime.cpu_kernels import VARIABLES, pin
+from rlopt_cli.study.local_gpus import GpuPool, gpus_per_cell, visible_gpus
 
 OnFinish = Callable[[str, "dict[str, Any] | None", "str | None"], None]
 """Called as on_finish(cell_name, summary or None, error line or None) when a cell ends."""
@@ -45,10 +50,14 @@ class Job:
     config: dict[str, Any]
     out_dir: str
     threads: int = 1
+    gpus: str | None = None
+    """CUDA_VISIBLE_DEVICES for the cell (local launcher with num_gpus > 0); None leaves the environment as is."""
 
 
 def run_cell(job: Job) -> dict[str, Any]:
     """Worker entry point (module level, so every launcher can pickle it by reference)."""
+    if job.gpus is not None:
+        show_gpus(job.gpus)
     cfg = from_dict(job.config)
     # Pin the CPU kernels before this worker's first torch import (Ray and SLURM workers start bare), so torch
     # and the training loop are imported here, after the pin, not at the top of the module.
@@ -67,9 +76,23 @@ def run_cell(job: Job) -> dict[str, Any]:
 
     if note:
         say(note)
+    if job.gpus is not None:
+        say(f"GPUs: CUDA_VISIBLE_DEVICES={job.gpus}")
 
     run_dir = train(cfg, job.out_dir, say)
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def show_gpus(gpus: str) -> None:
+    """Make only `gpus` visible to this process. CUDA reads CUDA_VISIBLE_DEVICES once, when it starts in a
+    process: the fork server imported torch but never started CUDA, so a forked cell still can; a process in
+    which CUDA already runs would ignore the variable and share GPUs, so it is refused."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise RloptError(
+            "CUDA started in this worker before its GPUs were set; it would share GPUs: a bug in rlopt"
+        )
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus
 
 
 def error_line(err: BaseException) -> str:
@@ -166,27 +189,76 @@ def pool_context(jobs: list[Job]) -> tuple[Any, int | None]:
     return ctx, None
 
 
+class CellFailed(Exception):
+    """A local cell's error line, with the pid of the process that ran it (so its GPUs come back on its exit)."""
+
+    def __init__(self, pid: int, line: str) -> None:
+        super().__init__(pid, line)
+        self.pid, self.line = pid, line
+
+
+def run_local_cell(job: Job) -> tuple[int, dict[str, Any]]:
+    """`run_cell` in a local pool worker; its pid comes back with the result or the error."""
+    try:
+        return os.getpid(), run_cell(job)
+    except Exception as err:  # Ctrl-C and exits pass through: the sweep is stopping
+        raise CellFailed(os.getpid(), error_line(err)) from None
+
+
 def launch_local(jobs: list[Job], settings: Any, workers: int, on_finish: OnFinish, on_tick: OnTick) -> None:
     """Each cell in its own process, `workers` at a time, forked from a server that has done the imports
     (`pool_context`). One cell per process (max_tasks_per_child=1): peak memory is the process's high-water mark
     (ru_maxrss), which a reused worker would carry over from its previous cell. Workers die with the sweep
-    process (`die_with_parent`)."""
-    ctx, parent = pool_context(jobs)
+    process (`die_with_parent`). A cell is submitted only when a worker and its GPUs are free (`GpuPool`)."""
     one_each: dict[str, Any] = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
+    gpus = GpuPool([], 0)
+    if settings.num_gpus:  # checked before any process starts
+        if not one_each:  # a reused worker has started CUDA in its previous cell: it cannot change its GPUs
+            raise RloptError("local cells get GPUs of their own on Python >= 3.11 only; use --launcher ray")
+        available = visible_gpus(os.environ, torch_gpu_count)
+        gpus = GpuPool(available, gpus_per_cell(settings.num_gpus, min(workers, len(jobs)), available))
+    ctx, parent = pool_context(jobs)
+    queue = list(jobs)
     with cf.ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=die_with_parent, initargs=(parent,), **one_each
     ) as pool:
-        futures = {pool.submit(run_cell, job): job.name for job in jobs}
-        pending = set(futures)
+        futures: dict[cf.Future[Any], tuple[str, str | None]] = {}
         try:
-            while pending:
-                finished, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+            while queue or futures:
+                while queue and len(futures) < workers and gpus.ready():
+                    job = replace(queue.pop(0), gpus=gpus.take())
+                    futures[pool.submit(run_local_cell, job)] = (job.name, job.gpus)
+                finished, _ = cf.wait(futures, timeout=0.5, return_when=cf.FIRST_COMPLETED)
                 for future in finished:
-                    _report(futures[future], future.result, on_finish)
-                on_tick(min(workers, sum(f.running() for f in pending)))
+                    name, held = futures.pop(future)
+                    gpus.give_back(held, _report_local(name, future, on_finish))
+                gpus.reclaim()
+                on_tick(sum(f.running() for f in futures))
         except BaseException:  # Ctrl-C: drop queued cells; running ones got the signal too and stop
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+
+
+def torch_gpu_count() -> int:
+    import torch  # heavy: imported on use; counting GPUs starts no CUDA context here (cells are not forked from us)
+
+    return int(torch.cuda.device_count())
+
+
+def _report_local(name: str, future: cf.Future[Any], on_finish: OnFinish) -> int | None:
+    """Report a finished local cell; returns the pid of its process (None when the pool itself broke)."""
+    try:
+        pid, summary = future.result()
+    except CellFailed as err:
+        on_finish(name, None, err.line)
+        return err.pid
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # a broken pool (a worker killed): its processes are gone
+        on_finish(name, None, error_line(err))
+        return None
+    on_finish(name, summary, None)
+    return int(pid)
 
 
 def _report(name: str, result: Callable[[], Any], on_finish: OnFinish) -> None:

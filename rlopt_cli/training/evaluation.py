@@ -40,7 +40,9 @@ def evaluate(
     per_problem_correct: list[int] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        prompts = render_prompts(tokenizer, [e.prompt for e in chunk], cfg.task.chat_template)
+        prompts = render_prompts(
+            tokenizer, [e.prompt for e in chunk], cfg.task.chat_template, cfg.task.chat_template_kwargs
+        )
         greedy = backend.generate(prompts, 1, max_new_tokens, 0.0, seed)
         greedy_correct += sum(task.rewards(greedy.texts, chunk))
         if samples:

@@ -30,6 +30,7 @@ from rlopt_cli.config.recipes import to_dict, to_toml
 from rlopt_cli.config.schema import RunConfig
 from rlopt_cli.models.assets import resolve_model_path
 from rlopt_cli.models.loading import (
+    check_attention,
     check_chat_template,
     check_model_path,
     load_policy,
@@ -67,6 +68,7 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
         say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
         return run_dir
     device = resolve_device(cfg.train.device)
+    check_attention(cfg.model.attn_implementation, device)
     torch.manual_seed(cfg.train.seed)
     task = build_task(cfg.task)
     if not cfg.model.is_embedded:
@@ -188,7 +190,9 @@ def grpo_step(
 ) -> dict[str, Any]:
     g = cfg.grpo
     examples = pick_examples(task.train, g.prompts_per_step, step, cfg.train.seed)
-    prompts = render_prompts(tokenizer, [e.prompt for e in examples], cfg.task.chat_template)
+    prompts = render_prompts(
+        tokenizer, [e.prompt for e in examples], cfg.task.chat_template, cfg.task.chat_template_kwargs
+    )
     t_gen = time.perf_counter()
     rollout = backend.generate(
         prompts,
@@ -336,7 +340,9 @@ def sft_step(
     model: Any, optimizer: Any, tokenizer: Any, task: Task, cfg: RunConfig, step: int
 ) -> dict[str, Any]:
     examples = pick_examples(task.train, cfg.sft.batch_size, step, cfg.train.seed)
-    prompts = render_prompts(tokenizer, [e.prompt for e in examples], cfg.task.chat_template)
+    prompts = render_prompts(
+        tokenizer, [e.prompt for e in examples], cfg.task.chat_template, cfg.task.chat_template_kwargs
+    )
     device = next(model.parameters()).device
     batch = sft.sft_batch(tokenizer, prompts, examples, device)
     optimizer.zero_grad(set_to_none=True)
