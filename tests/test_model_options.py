@@ -262,6 +262,30 @@ def test_sft_batches_of_templated_prompts_start_with_one_bos() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 5. the no-grad log-prob passes (old log-probs, the KL reference) build no KV cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_logprob_passes_build_no_kv_cache(arch: str) -> None:
+    """Every decoder forward of every route asks for no cache (use_cache=False) and returns none of its own: the
+    shared-prompt route hands in rlopt's caches (`prompt_cache.py`), which hold the prompt's keys/values it needs."""
+    from tests.tiny_hf import tiny_model
+
+    model = tiny_model(arch).eval()
+    seen: list[tuple[Any, bool]] = []
+
+    def record(module: Any, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+        given = kwargs.get("cache", kwargs.get("past_key_values"))
+        returned = getattr(out, "past_key_values", None)
+        seen.append((kwargs.get("use_cache"), returned is None or returned is given))
+
+    model.get_decoder().register_forward_hook(record, with_kwargs=True)
+    all_routes(model, batch(model.config.vocab_size))
+    assert len(seen) == 1 + 2 + 1  # per row, shared prompt (prompt, completions), packed
+    assert seen == [(False, True)] * 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 4. loading: fp32 master weights placed on their device as they load
 
 

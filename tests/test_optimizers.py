@@ -43,3 +43,22 @@ def test_defaults_are_explicit() -> None:
     assert resolved_args("adamw", {"eps": 1e-6}) == {"betas": (0.9, 0.999), "eps": 1e-6}
     opt = build_optimizer([torch.nn.Parameter(torch.zeros(2))], "adamw", 1e-3, 0.0, {})
     assert opt.param_groups[0]["weight_decay"] == 0.0  # not torch's AdamW default of 0.01
+
+
+def test_update_kernels_per_device() -> None:
+    """CPU steps tensor by tensor (bit-identical to every earlier run); CUDA steps with foreach kernels."""
+    from rlopt_cli.algo.optimizers import update_kernels
+
+    assert update_kernels("cpu") == {"foreach": False}
+    assert update_kernels("cuda") == {"foreach": True}
+    assert update_kernels("meta") == {"foreach": False}
+    for name in ("sgd", "adamw", "rmsprop"):
+        opt = build_optimizer(torch.nn.Linear(2, 2).parameters(), name, 0.01, 0.0, {})
+        assert opt.param_groups[0]["foreach"] is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_parameters_get_foreach() -> None:
+    opt = build_optimizer(torch.nn.Linear(2, 2).cuda().parameters(), "adamw", 0.01, 0.0, {})
+    assert opt.param_groups[0]["foreach"] is True

@@ -61,6 +61,22 @@ def test_fetched_model_is_a_plain_hf_folder(assets: dict[str, Path]) -> None:
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
 
 
+def test_smollm2_prompt_ids_are_unchanged_by_the_one_bos_rule(assets: dict[str, Path]) -> None:
+    """Templated prompts are now encoded without the tokenizer's special tokens (`encode_prompts`): SmolLM2's
+    tokenizer adds none and its template writes no BOS, so its prompt ids are the same as before."""
+    from transformers import AutoTokenizer
+
+    from rlopt_cli.models.loading import encode_prompts, render_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["model"], padding_side="left")
+    prompts = render_prompts(tokenizer, ["What is 12 + 34?", "Name a colour."], True)
+    before = tokenizer(prompts, return_tensors="pt", padding=True)  # how every run so far encoded them
+    now = encode_prompts(tokenizer, prompts, templated=True)
+    assert before.input_ids.tolist() == now.input_ids.tolist()
+    assert before.attention_mask.tolist() == now.attention_mask.tolist()
+    assert tokenizer("hi").input_ids == tokenizer("hi", add_special_tokens=False).input_ids  # it adds nothing
+
+
 def test_grpo_eval_and_sparsity_on_smollm2(
     assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -103,8 +119,8 @@ def test_grpo_eval_and_sparsity_on_smollm2(
     rendered: list[str] = []
     real_render = loop.render_prompts
 
-    def spy(tokenizer: Any, prompts: list[str], chat_template: bool) -> list[str]:
-        rendered.extend(out := real_render(tokenizer, prompts, chat_template))
+    def spy(tokenizer: Any, prompts: list[str], *template: Any) -> list[str]:
+        rendered.extend(out := real_render(tokenizer, prompts, *template))
         return out
 
     monkeypatch.setattr(loop, "render_prompts", spy)
