@@ -174,7 +174,7 @@ def check_attention(name: str, device: torch.device) -> None:
         )
 
 
-def attention_kwargs(name: str) -> dict[str, str]:
+def attention_kwargs(name: str) -> dict[str, Any]:
     """`attn_implementation` for transformers; nothing for 'auto', so transformers chooses as it always did."""
     return {} if name == "auto" else {"attn_implementation": name}
 
