@@ -176,7 +176,8 @@ def chat_prompt_ids(tokenizer: Any, prompts: list[str]) -> tuple[list[list[int]]
     from conversational prompts (`apply_chat_template(..., tokenize=True)` in `GRPOTrainer._tokenize_prompts`)."""
     from rlopt_cli.models.loading import render_prompts
 
-    ours = tokenizer(render_prompts(tokenizer, prompts, True))["input_ids"]
+    # templated text is encoded without the tokenizer's own special tokens, as `models.loading.encode_prompts` does
+    ours = tokenizer(render_prompts(tokenizer, prompts, True), add_special_tokens=False)["input_ids"]
     theirs = tokenizer.apply_chat_template(
         conversation=[[{"role": "user", "content": p}] for p in prompts],
         add_generation_prompt=True,
