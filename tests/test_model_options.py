@@ -90,11 +90,15 @@ def test_real_architecture_loads_the_chosen_kernel_and_agrees(arch: str, tmp_pat
     assert policy.config._attn_implementation == "eager"
 
 
-def test_flash_attention_on_cpu_is_a_one_line_error_before_the_run_folder(tmp_path: Path) -> None:
+def test_flash_and_flex_attention_on_cpu_are_one_line_errors_before_the_run_folder(tmp_path: Path) -> None:
     from rlopt_cli.training.loop import train
 
-    with pytest.raises(RloptError, match="needs a CUDA device.*use sdpa"):
-        load_pretrained(save_tiny_model(tmp_path / "m", "qwen3"), torch.device("cpu"), "flash_attention_2")
+    folder = save_tiny_model(tmp_path / "m", "qwen3")
+    for kernel in ("flash_attention_2", "flex_attention"):
+        with pytest.raises(
+            RloptError, match=f"'{kernel}' needs a CUDA device, but this run is on cpu: use sdpa"
+        ):
+            load_pretrained(folder, torch.device("cpu"), kernel)
     cfg = load_config(None, ["model.attn_implementation=flash_attention_2", "train.device=cpu"])
     with pytest.raises(RloptError, match="needs a CUDA device") as err:
         train(cfg, tmp_path / "runs", say=lambda *_: None)

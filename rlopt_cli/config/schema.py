@@ -86,7 +86,7 @@ class ModelConfig:
     attn_implementation: str = "auto"
     """The transformers attention kernel of the trained model (and its reference): auto = transformers' choice
     (sdpa where the model supports it), eager, sdpa, flash_attention_2 (CUDA and the flash-attn package), or
-    flex_attention. vLLM rollouts pick their own kernel."""
+    flex_attention (CUDA). vLLM rollouts pick their own kernel."""
 
     def __post_init__(self) -> None:
         _choice(self.attn_implementation, ATTENTION, "model.attn_implementation")

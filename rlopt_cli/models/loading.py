@@ -159,15 +159,17 @@ def quiet_transformers() -> None:
 
 
 def check_attention(name: str, device: torch.device) -> None:
-    """Refuse, before anything loads, an attention kernel this machine cannot run."""
-    if name != "flash_attention_2":
+    """Refuse, before anything loads, an attention kernel this machine cannot run. flex_attention is refused off
+    CUDA too: on CPU torch builds it with torch.compile's C++ backend (it failed to compile on this project's
+    CI machine), and it gains nothing over sdpa there."""
+    if name not in ("flash_attention_2", "flex_attention"):
         return
     if device.type != "cuda":
         raise RloptError(
-            f"model.attn_implementation = 'flash_attention_2' needs a CUDA device, but this run is on {device}: "
+            f"model.attn_implementation = {name!r} needs a CUDA device, but this run is on {device}: "
             "use sdpa (or auto) on CPU"
         )
-    if importlib.util.find_spec("flash_attn") is None:
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise RloptError(
             "model.attn_implementation = 'flash_attention_2' needs the flash-attn package: "
             "pip install flash-attn --no-build-isolation, or use sdpa"
