@@ -9,7 +9,15 @@ from typer.testing import CliRunner
 
 from rlopt_cli.cli import app
 from rlopt_cli.config.recipes import load_config
-from rlopt_cli.training.memory_plan import GIB, GPUS, KNOWN_SHAPES, plan, resolve_shape, shape_from_config
+from rlopt_cli.training.memory_plan import (
+    GIB,
+    GPUS,
+    KNOWN_SHAPES,
+    plan,
+    resolve_shape,
+    shape_from_config,
+    step_temporary,
+)
 from tests.tiny_hf import ARCHS, tiny_model
 
 runner = CliRunner()
@@ -97,3 +105,19 @@ def test_rlopt_plan_shards_and_tabulates_gpu_counts() -> None:
     assert peaks == sorted(peaks, reverse=True)
     bad = runner.invoke(app, ["plan", PAPER.format("sgd"), "--nproc", "0"])
     assert bad.exit_code == 2 and "--nproc 0 must be >= 1" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("overrides", "optimizer", "held"),
+    [
+        ([], "adamw", True),  # foreach sqrt over every second moment at once
+        (["optimizer.name=rmsprop"], "rmsprop", True),
+        ([], "sgd", False),  # the paper's SGD: in place, no temporary
+        (["optimizer.weight_decay=0.01"], "sgd", True),  # coupled decay: a new gradient list
+        (["optimizer.momentum=0.9", "optimizer.nesterov=true"], "sgd", True),
+    ],
+)
+def test_foreach_step_temporary(overrides: list[str], optimizer: str, held: bool) -> None:
+    cfg = load_config(None, overrides)
+    extra = cfg.optimizer.extra_args if cfg.optimizer.name == optimizer else {}
+    assert step_temporary(optimizer, extra, cfg.optimizer) is held

@@ -8,7 +8,9 @@ The run's phases and what each holds on the device:
 - training (one micro-batch's forward/backward): fp32 weights, fp32 gradients, optimizer state, the reference
   model unless offloaded, activations (with gradient checkpointing: each layer's input, plus one layer's
   activations recomputed in backward), the log-prob pass (one chunk's logits, see `logprob_pass_bytes`);
-- optimizer step: weights, gradients, state, and AdamW's one parameter-sized temporary (foreach=False);
+- optimizer step: weights, gradients, state, and the step's temporary: on CUDA the update runs foreach
+  (rlopt_cli/algo/optimizers.py), so AdamW's sqrt of the second moment (RMSprop's of its average) is one fp32
+  list as large as the parameters; SGD without weight decay or Nesterov makes none;
 - rollout: weights, state (gradients are freed right after the step), the reference unless offloaded, and the
   vLLM engine's share of the card (`rollout.gpu_memory_utilization`: its weights, then KV cache).
 With `rollout.vllm_sleep_mode` the engine frees its share while the trainer steps; without it the share is
@@ -218,6 +220,14 @@ def fsdp_buffers(shape: Shape, compute_size: int) -> int:
     return compute_size * (embedding + 2 * block) + 4 * max(block, embedding)
 
 
+def step_temporary(optimizer: str, extra: dict[str, Any], opt: Any) -> bool:
+    """Whether torch's foreach update (CUDA) holds a parameter-sized fp32 temporary: AdamW and RMSprop always
+    (a sqrt over every tensor at once), SGD for coupled weight decay or Nesterov (a new gradient list)."""
+    if optimizer != "sgd":
+        return True
+    return bool((opt.weight_decay if opt.name == "sgd" else 0) or extra.get("nesterov"))
+
+
 def plan(cfg: Any, shape: Shape, optimizer: str, card: int, prompt_tokens: int, world_size: int = 1) -> Plan:
     """The itemized estimate for `cfg` (a RunConfig) with `optimizer` ('sgd' or 'adamw', its recipe arguments
     otherwise) on one of `world_size` cards of `card` bytes (FSDP2 over world_size > 1 processes)."""
@@ -238,7 +248,6 @@ def plan(cfg: Any, shape: Shape, optimizer: str, card: int, prompt_tokens: int, 
     kept, transient = activation_parts(
         shape, tokens, compute, cfg.model.gradient_checkpointing, kv_tokens, forwards
     )
-    largest = max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate)  # AdamW's sqrt temporary
     ref_size = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}[g.ref_dtype]
     vllm_share = int(cfg.rollout.gpu_memory_utilization * card) if cfg.rollout.backend == "vllm" else 0
     vllm_size = 4 if cfg.rollout.vllm_dtype == "float32" else 2
@@ -246,7 +255,7 @@ def plan(cfg: Any, shape: Shape, optimizer: str, card: int, prompt_tokens: int, 
         "weights (fp32 master)": 4 * shard,
         "gradients (fp32)": 4 * shard,
         "optimizer state": expected_state_bytes_per_param(optimizer, extra) * shard,
-        "optimizer step temporary": 0 if optimizer == "sgd" else 4 * -(-largest // world_size),
+        "optimizer step temporary": 4 * shard if step_temporary(optimizer, extra, cfg.optimizer) else 0,
         "reference model": ref_size * shard if g.beta > 0 else 0,
         "FSDP gathered + unreduced": fsdp_buffers(shape, compute) if world_size > 1 else 0,
         "activations": kept + transient,
