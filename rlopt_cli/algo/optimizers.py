@@ -16,11 +16,13 @@ def update_kernels(device_type: str) -> dict[str, Any]:
     """How torch applies the update on `device_type`'s parameters.
 
     CPU: tensor by tensor (foreach=False), as every run so far: the same numbers, bit for bit. CUDA: foreach, one
-    kernel per operation over all tensors instead of one per tensor (a 28-layer model has ~300 tensors, so the
-    per-tensor loop is launch-bound); torch's own CUDA default. Not fused: its single kernel reorders the
-    arithmetic, so its numbers are not the loop's. The cost: AdamW's foreach step holds one transient fp32 copy of
-    the parameters (its sqrt(v) list). A resumed run keeps the choice its checkpoint was saved with (torch
-    restores `foreach` with the param groups), so resume stays exact."""
+    kernel per operation over all tensors instead of one per tensor (Qwen3-1.7B has 310 tensors, so the
+    per-tensor loop is launch-bound); torch's own CUDA default. foreach applies the loop's elementwise formulas
+    op by op; fused computes the whole update in one kernel with its own rounding, so it is not the loop's
+    arithmetic and is not used (neither was compared on a GPU here). The cost: AdamW's (and RMSprop's) foreach
+    step holds one transient fp32 list as large as the parameters (its sqrt(v)), which `rlopt plan` counts. A
+    resumed run keeps the choice its checkpoint was saved with (torch restores `foreach` with the param groups),
+    so resume stays exact."""
     return {"foreach": device_type == "cuda"}
 
 
