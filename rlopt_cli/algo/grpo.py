@@ -96,6 +96,48 @@ def token_logprobs(
     return torch.nn.functional.pad(logps, (0, full_length - logps.shape[1]))  # [N, L] as given
 
 
+def micro_batch_slices(
+    prompt_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    carries: torch.Tensor,
+    group_size: int,
+    micro_batch_size: int = 0,
+    budget_tokens: int = 0,
+) -> list[slice]:
+    """The batch's micro-batches, as row ranges: `micro_batch_size` rows each (0 with no budget: one), or with
+    `budget_tokens` > 0, whole groups in order, greedily, while the micro-batch's padded size, rows x (longest
+    prompt + longest completion) as `trim` leaves it, stays within the budget. Only rows that are forwarded
+    (`carries` [B] bool) count: a skipped group rides along in whichever micro-batch is open, at no cost. A group
+    bigger than the budget on its own goes alone (a group is never split, so its prompt forward is shared).
+
+    The loss normalisers of grpo, dr_grpo and dapo count the whole batch, so any partition gives the same
+    summed loss and gradient (up to float summation order); a long-tailed batch of completions then runs in
+    few, full micro-batches instead of many padded to the longest row. prompt_mask [B, P], completion_mask
+    [B, L] (the loss mask)."""
+    rows = completion_mask.shape[0]
+    if budget_tokens <= 0:
+        micro = micro_batch_size or rows
+        return [slice(i, i + micro) for i in range(0, rows, micro)]
+    prompt_mask, completion_mask = prompt_mask.cpu(), completion_mask.cpu()
+    # real tokens span: prompts are left-padded (counted from the right), completions right-padded
+    prompt_extent = (prompt_mask.flip(1) * torch.arange(1, prompt_mask.shape[1] + 1)).amax(1)  # [B]
+    completion_extent = (completion_mask * torch.arange(1, completion_mask.shape[1] + 1)).amax(1)  # [B]
+    length = (prompt_extent + completion_extent.clamp(min=1)).view(-1, group_size).amax(1).tolist()  # [B/G]
+    forwarded = carries.cpu().view(-1, group_size).any(1).tolist()  # [B/G]
+    slices: list[slice] = []
+    start = held = longest = 0  # first group of the open micro-batch, its forwarded rows, its longest row
+    for group, (fits, needed) in enumerate(zip(forwarded, length, strict=True)):
+        if not fits:
+            continue
+        if held and (held + group_size) * max(longest, needed) > budget_tokens:
+            slices.append(slice(start * group_size, group * group_size))
+            start, held, longest = group, 0, 0
+        held += group_size
+        longest = max(longest, needed)
+    slices.append(slice(start * group_size, rows))
+    return slices
+
+
 def trim(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,

@@ -43,7 +43,7 @@ from rlopt_cli.runtime.devices import autocast, peak_memory_bytes, resolve_devic
 from rlopt_cli.runtime.folder_lock import FolderLock, make_folder
 from rlopt_cli.runtime.kill_points import kill_point
 from rlopt_cli.tasks import Example, Task, build_task
-from rlopt_cli.training.checkpoint import load_trainer_state, save_checkpoint, step_dir
+from rlopt_cli.training.checkpoint import load_trainer_state, prune_checkpoints, save_checkpoint, step_dir
 from rlopt_cli.training.evaluation import evaluate
 from rlopt_cli.training.progress import progress_bar, progress_info
 from rlopt_cli.training.reference import Reference, reference_dtype
@@ -167,6 +167,7 @@ def run_training(cfg: RunConfig, run_dir: Path, device: torch.device, task: Task
             kill_point(f"step-{step}")
             if due(step, cfg.train.checkpoint_every, cfg.train.steps):
                 save_checkpoint(run_dir, step, model, tokenizer, optimizer, config_toml, cfg.train.save_dtype)
+                prune_checkpoints(run_dir, cfg.train.keep_checkpoints)  # only after the new one is whole
             progress.update(bar, completed=step, info=progress_info(row))
 
     metrics_file.close()
@@ -205,8 +206,6 @@ def grpo_step(
     mask = rollout.completion_mask  # [B, L]
     if g.mask_truncated_completions:
         mask = mask * (~rollout.truncated).unsqueeze(1)
-    micro = g.micro_batch_size or g.batch_size
-    slices = [slice(i, i + micro) for i in range(0, g.batch_size, micro)]
     num_tokens = int(mask.sum())
     # Rows that carry a gradient. With beta = 0, a group whose completions all scored alike has zero advantage:
     # its loss and gradient are exactly zero, so its forward/backward is skipped (its tokens still count in the
@@ -214,9 +213,14 @@ def grpo_step(
     carries = advantages.view(-1, g.num_generations).ne(0).any(1).repeat_interleave(g.num_generations)  # [B]
     if g.beta > 0 or not g.skip_zero_advantage:
         carries = torch.ones_like(carries)
+    # Fixed-size micro-batches, or whole groups packed under a token budget (grpo.micro_batch_tokens).
+    slices = grpo.micro_batch_slices(
+        rollout.prompt_mask, mask, carries, g.num_generations, g.micro_batch_size, g.micro_batch_tokens
+    )
     batches = [torch.arange(s.start, s.stop, device=device)[carries[s]] for s in slices]  # row indices [b]
     # Whole groups per micro-batch: each prompt is forwarded once for its G completions (grpo.token_logprobs).
-    group_size = g.num_generations if g.share_prompt_forward and micro % g.num_generations == 0 else 1
+    whole_groups = all((s.stop - s.start) % g.num_generations == 0 for s in slices)
+    group_size = g.num_generations if g.share_prompt_forward and whole_groups else 1
 
     def logps_of(m: Any, rows: torch.Tensor) -> torch.Tensor:
         with autocast(cfg.train.precision, device):
@@ -319,16 +323,14 @@ def sft_step(
     device = next(model.parameters()).device
     batch = sft.sft_batch(tokenizer, prompts, examples, device)
     optimizer.zero_grad(set_to_none=True)
-    with autocast(cfg.train.precision, device):
-        loss = sft.sft_loss(model, batch)
-    loss.backward()
+    loss = sft.sft_backward(model, batch, cfg.sft.micro_batch_size, cfg.train.precision)
     before = weights_before_step(model) if cfg.log.update_norm else None
     grad_norm, probed = clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm, step in cfg.probe.steps)
     optimizer.zero_grad(set_to_none=True)
     measured = {} if before is None else {"train/update_norm": step_norm(model, before)}
     return measured | {
         "probe": probed,
-        "train/loss": loss.item(),
+        "train/loss": loss,
         "train/grad_norm": grad_norm,
         "train/clip_active": float(grad_norm > cfg.optimizer.max_grad_norm > 0),
         "train/nonfinite_skipped": float(not math.isfinite(grad_norm)),
