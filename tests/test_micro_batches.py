@@ -119,6 +119,35 @@ def test_token_budget_slices(completion_lens, carries, budget, expected) -> None
     assert [(s.start, s.stop) for s in slices] == expected
 
 
+def test_the_budget_counts_the_longest_prompt_plus_the_longest_completion() -> None:
+    # group 0: prompt 6 + completion 1; group 1: prompt 1 + completion 6. Each row is 7 tokens, but together
+    # they pad to 6 + 6 = 12 columns: 4 x 12 = 48 > 30, so they go apart.
+    prompt, completion = masks([6, 6, 1, 1], [1, 1, 6, 6])
+    carries = torch.ones(4, dtype=torch.bool)
+    assert grpo.micro_batch_slices(prompt, completion, carries, 2, 0, 30) == [slice(0, 2), slice(2, 4)]
+    assert grpo.micro_batch_slices(prompt, completion, carries, 2, 0, 48) == [slice(0, 4)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_budget_slices_are_whole_groups_within_the_budget(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    group, rows, budget = 4, 256, 3000
+    prompt_lens = torch.randint(10, 100, (rows // group,), generator=gen).repeat_interleave(group)
+    completion_lens = torch.exp(torch.randn(rows, generator=gen) + 4).clamp(1, 600).long()  # long-tailed
+    prompt, completion = masks(prompt_lens.tolist(), completion_lens.tolist(), 100, 600)
+    carries = torch.rand(rows // group, generator=gen).repeat_interleave(group) > 0.3
+    slices = grpo.micro_batch_slices(prompt, completion, carries, group, 0, budget)
+    assert slices[0].start == 0 and slices[-1].stop == rows
+    assert all(a.stop == b.start for a, b in zip(slices, slices[1:], strict=False))
+    for s in slices:
+        assert s.start % group == 0 and s.stop % group == 0
+        forwarded = carries[s]
+        n = int(forwarded.sum())
+        if n > group:  # more than one forwarded group: within the budget, as trim pads it
+            cost = n * (int(prompt_lens[s][forwarded].max()) + int(completion_lens[s][forwarded].max()))
+            assert cost <= budget
+
+
 def test_fixed_slices_are_unchanged() -> None:
     prompt, completion = masks([2] * 8, [1] * 8)
     carries = torch.ones(8, dtype=torch.bool)

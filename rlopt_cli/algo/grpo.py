@@ -122,18 +122,21 @@ def micro_batch_slices(
     # real tokens span: prompts are left-padded (counted from the right), completions right-padded
     prompt_extent = (prompt_mask.flip(1) * torch.arange(1, prompt_mask.shape[1] + 1)).amax(1)  # [B]
     completion_extent = (completion_mask * torch.arange(1, completion_mask.shape[1] + 1)).amax(1)  # [B]
-    length = (prompt_extent + completion_extent.clamp(min=1)).view(-1, group_size).amax(1).tolist()  # [B/G]
+    prompt_len = prompt_extent.view(-1, group_size).amax(1).tolist()  # [B/G]
+    completion_len = completion_extent.clamp(min=1).view(-1, group_size).amax(1).tolist()  # [B/G]
     forwarded = carries.cpu().view(-1, group_size).any(1).tolist()  # [B/G]
     slices: list[slice] = []
-    start = held = longest = 0  # first group of the open micro-batch, its forwarded rows, its longest row
-    for group, (fits, needed) in enumerate(zip(forwarded, length, strict=True)):
+    start = held = longest_prompt = longest_completion = 0  # the open micro-batch: first group, rows, widths
+    for group, fits in enumerate(forwarded):
         if not fits:
             continue
-        if held and (held + group_size) * max(longest, needed) > budget_tokens:
+        p_len, c_len = max(longest_prompt, prompt_len[group]), max(longest_completion, completion_len[group])
+        if held and (held + group_size) * (p_len + c_len) > budget_tokens:
             slices.append(slice(start * group_size, group * group_size))
-            start, held, longest = group, 0, 0
+            start, held = group, 0
+            p_len, c_len = prompt_len[group], completion_len[group]
         held += group_size
-        longest = max(longest, needed)
+        longest_prompt, longest_completion = p_len, c_len
     slices.append(slice(start * group_size, rows))
     return slices
 
