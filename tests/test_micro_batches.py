@@ -92,67 +92,67 @@ def masks(prompt_lens: list[int], completion_lens: list[int], p: int = 8, length
     return prompt, completion
 
 
+def packed(prompt_lens, completion_lens, carries, budget, group=2) -> list[list[int]]:
+    prompt, completion = masks(prompt_lens, completion_lens)
+    flags = torch.tensor(carries, dtype=torch.bool)
+    return [r.tolist() for r in grpo.micro_batch_rows(prompt, completion, flags, group, 0, budget)]
+
+
+# G = 2, prompts of 2 tokens; group widths 2 + (4, 3, 10, 2) = 6, 5, 12, 4; widest first: groups 2, 0, 1, 3
+LENS = [4, 1, 3, 3, 10, 2, 1, 2]
+
+
 @pytest.mark.parametrize(
-    ("completion_lens", "carries", "budget", "expected"),
+    ("carries", "budget", "expected"),
     [
-        # G = 2, prompts of 2 tokens: group lengths 2 + (4, 3, 10, 2)
-        (
-            [4, 1, 3, 3, 10, 2, 1, 2],
-            [1] * 8,
-            24,
-            [(0, 4), (4, 6), (6, 8)],
-        ),  # 4 x 6 = 24 fits; 4 x 12 does not
-        ([4, 1, 3, 3, 10, 2, 1, 2], [1] * 8, 12, [(0, 2), (2, 4), (4, 6), (6, 8)]),
-        ([4, 1, 3, 3, 10, 2, 1, 2], [1] * 8, 10, [(0, 2), (2, 4), (4, 6), (6, 8)]),  # 2 x 12 > 10: alone
-        ([4, 1, 3, 3, 10, 2, 1, 2], [1] * 8, 100, [(0, 8)]),
-        # the long group is skipped (zero advantage): it costs nothing and rides in the open micro-batch
-        ([4, 1, 3, 3, 10, 2, 1, 2], [1, 1, 1, 1, 0, 0, 1, 1], 24, [(0, 6), (6, 8)]),
-        ([4, 1, 3, 3, 10, 2, 1, 2], [1, 1, 1, 1, 0, 0, 1, 1], 36, [(0, 8)]),  # 6 rows x 6 tokens
-        ([4, 1, 3, 3, 10, 2, 1, 2], [0] * 8, 1, [(0, 8)]),  # nothing forwarded: one (empty) micro-batch
+        ([1] * 8, 24, [[4, 5], [0, 1, 2, 3], [6, 7]]),  # 2 x 12 alone; 4 x 6 = 24 fits; 6 x 6 does not
+        ([1] * 8, 36, [[4, 5], [0, 1, 2, 3, 6, 7]]),  # 6 x 6 = 36
+        ([1] * 8, 10, [[4, 5], [0, 1], [2, 3], [6, 7]]),  # 2 x 12 > 10: alone all the same
+        ([1] * 8, 100, [[4, 5, 0, 1, 2, 3, 6, 7]]),
+        # the wide group carries no gradient: it is not forwarded, so it costs nothing and goes last
+        ([1, 1, 1, 1, 0, 0, 1, 1], 24, [[0, 1, 2, 3], [6, 7], [4, 5]]),
+        ([0] * 8, 1, [[0, 1, 2, 3, 4, 5, 6, 7]]),  # nothing forwarded: one micro-batch that the loop skips
     ],
 )
-def test_token_budget_slices(completion_lens, carries, budget, expected) -> None:
-    prompt, completion = masks([2] * 8, completion_lens)
-    slices = grpo.micro_batch_slices(
-        prompt, completion, torch.tensor(carries, dtype=torch.bool), 2, 0, budget
-    )
-    assert [(s.start, s.stop) for s in slices] == expected
+def test_token_budget_micro_batches(carries, budget, expected) -> None:
+    assert packed([2] * 8, LENS, carries, budget) == expected
 
 
 def test_the_budget_counts_the_longest_prompt_plus_the_longest_completion() -> None:
     # group 0: prompt 6 + completion 1; group 1: prompt 1 + completion 6. Each row is 7 tokens, but together
     # they pad to 6 + 6 = 12 columns: 4 x 12 = 48 > 30, so they go apart.
-    prompt, completion = masks([6, 6, 1, 1], [1, 1, 6, 6])
-    carries = torch.ones(4, dtype=torch.bool)
-    assert grpo.micro_batch_slices(prompt, completion, carries, 2, 0, 30) == [slice(0, 2), slice(2, 4)]
-    assert grpo.micro_batch_slices(prompt, completion, carries, 2, 0, 48) == [slice(0, 4)]
+    assert packed([6, 6, 1, 1], [1, 1, 6, 6], [1] * 4, 30) == [[0, 1], [2, 3]]
+    assert packed([6, 6, 1, 1], [1, 1, 6, 6], [1] * 4, 48) == [[0, 1, 2, 3]]
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_budget_slices_are_whole_groups_within_the_budget(seed: int) -> None:
+def test_budget_micro_batches_are_whole_groups_within_the_budget(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     group, rows, budget = 4, 256, 3000
     prompt_lens = torch.randint(10, 100, (rows // group,), generator=gen).repeat_interleave(group)
     completion_lens = torch.exp(torch.randn(rows, generator=gen) + 4).clamp(1, 600).long()  # long-tailed
     prompt, completion = masks(prompt_lens.tolist(), completion_lens.tolist(), 100, 600)
     carries = torch.rand(rows // group, generator=gen).repeat_interleave(group) > 0.3
-    slices = grpo.micro_batch_slices(prompt, completion, carries, group, 0, budget)
-    assert slices[0].start == 0 and slices[-1].stop == rows
-    assert all(a.stop == b.start for a, b in zip(slices, slices[1:], strict=False))
-    for s in slices:
-        assert s.start % group == 0 and s.stop % group == 0
-        forwarded = carries[s]
+    micro = grpo.micro_batch_rows(prompt, completion, carries, group, 0, budget)
+    assert sorted(torch.cat(micro).tolist()) == list(range(rows))  # every row once
+    for idx in micro:
+        groups = idx.view(-1, group)  # whole groups, each of G consecutive rows
+        assert torch.equal(groups, groups[:, :1] + torch.arange(group)) and (groups[:, 0] % group == 0).all()
+        forwarded = carries[idx]
+        assert forwarded.all() or not forwarded.any()  # the idle groups go apart
         n = int(forwarded.sum())
         if n > group:  # more than one forwarded group: within the budget, as trim pads it
-            cost = n * (int(prompt_lens[s][forwarded].max()) + int(completion_lens[s][forwarded].max()))
+            cost = n * (int(prompt_lens[idx].max()) + int(completion_lens[idx].max()))
             assert cost <= budget
 
 
-def test_fixed_slices_are_unchanged() -> None:
+def test_fixed_micro_batches_are_unchanged() -> None:
     prompt, completion = masks([2] * 8, [1] * 8)
     carries = torch.ones(8, dtype=torch.bool)
-    assert grpo.micro_batch_slices(prompt, completion, carries, 2, 0, 0) == [slice(0, 8)]
-    assert grpo.micro_batch_slices(prompt, completion, carries, 2, 4, 0) == [slice(0, 4), slice(4, 8)]
+    rows = grpo.micro_batch_rows(prompt, completion, carries, 2, 0, 0)
+    assert [r.tolist() for r in rows] == [list(range(8))]
+    rows = grpo.micro_batch_rows(prompt, completion, carries, 2, 4, 0)
+    assert [r.tolist() for r in rows] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 # ---- GRPO: the gradient does not depend on the partition ----
@@ -178,12 +178,14 @@ def rollout(group: int = 2, groups: int = 4, seed: int = 0):
     return prompt_ids, prompt_mask, completion_ids, completion_mask, advantages
 
 
-def accumulated_grads(model, data, slices, loss_type: str, group: int) -> tuple[float, list[torch.Tensor]]:
+def accumulated_grads(
+    model, data, micro_rows, loss_type: str, group: int
+) -> tuple[float, list[torch.Tensor]]:
     """The loop's accumulation (training/loop.py grpo_step), num_iterations = 1, beta = 0."""
     prompt_ids, prompt_mask, completion_ids, mask, advantages = data
     model.zero_grad(set_to_none=True)
     total = 0.0
-    for s in slices:
+    for s in micro_rows:
         logps = grpo.token_logprobs(
             model, prompt_ids[s], prompt_mask[s], completion_ids[s], mask[s], 1.0, group, 512, 16
         )
@@ -195,7 +197,7 @@ def accumulated_grads(model, data, slices, loss_type: str, group: int) -> tuple[
             num_sequences=len(advantages),
             num_tokens=int(mask.sum()),
             max_completion_length=mask.shape[1],
-            num_micro_batches=len(slices),
+            num_micro_batches=len(micro_rows),
             micro_batch_tokens=int(mask[s].sum()),
         )
         loss.backward()
@@ -209,12 +211,13 @@ def test_token_budget_micro_batches_give_the_fixed_size_gradient(loss_type: str)
     data = rollout()
     prompt_ids, prompt_mask, completion_ids, mask, advantages = data
     carries = torch.ones(len(advantages), dtype=torch.bool)
-    fixed = grpo.micro_batch_slices(prompt_mask, mask, carries, 2, 2, 0)
-    budget = grpo.micro_batch_slices(prompt_mask, mask, carries, 2, 0, 64)
-    assert [(s.start, s.stop) for s in budget] == [(0, 4), (4, 6), (6, 8)]  # uneven: not the fixed one
-    whole_loss, whole = accumulated_grads(model, data, [slice(0, len(advantages))], loss_type, 2)
-    for slices in (fixed, budget):
-        loss, g = accumulated_grads(model, data, slices, loss_type, 2)
+    fixed = grpo.micro_batch_rows(prompt_mask, mask, carries, 2, 2, 0)
+    budget = grpo.micro_batch_rows(prompt_mask, mask, carries, 2, 0, 64)
+    # group widths 9, 16, 5, 17: widest first 3, 1 (4 x 17 > 64: apart), then 1 + 0 (4 x 16), 2 alone
+    assert [r.tolist() for r in budget] == [[6, 7], [2, 3, 0, 1], [4, 5]]  # uneven, reordered
+    whole_loss, whole = accumulated_grads(model, data, [torch.arange(len(advantages))], loss_type, 2)
+    for micro_rows in (fixed, budget):
+        loss, g = accumulated_grads(model, data, micro_rows, loss_type, 2)
         assert loss == pytest.approx(whole_loss, rel=RTOL, abs=1e-7)
         assert_same_grads(g, whole)
 

@@ -214,12 +214,13 @@ def grpo_step(
     if g.beta > 0 or not g.skip_zero_advantage:
         carries = torch.ones_like(carries)
     # Fixed-size micro-batches, or whole groups packed under a token budget (grpo.micro_batch_tokens).
-    slices = grpo.micro_batch_slices(
+    micro_rows = grpo.micro_batch_rows(
         rollout.prompt_mask, mask, carries, g.num_generations, g.micro_batch_size, g.micro_batch_tokens
     )
-    batches = [torch.arange(s.start, s.stop, device=device)[carries[s]] for s in slices]  # row indices [b]
+    micro_rows = [rows.to(device) for rows in micro_rows]  # [b_i] row indices
+    batches = [rows[carries[rows]] for rows in micro_rows]  # [b] the rows that are forwarded
     # Whole groups per micro-batch: each prompt is forwarded once for its G completions (grpo.token_logprobs).
-    whole_groups = all((s.stop - s.start) % g.num_generations == 0 for s in slices)
+    whole_groups = all(len(rows) % g.num_generations == 0 for rows in micro_rows)
     group_size = g.num_generations if g.share_prompt_forward and whole_groups else 1
 
     def logps_of(m: Any, rows: torch.Tensor) -> torch.Tensor:
@@ -256,7 +257,7 @@ def grpo_step(
     for iteration in range(g.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for i, rows in enumerate(batches):
-            micro_tokens = int(mask[slices[i]].sum())
+            micro_tokens = int(mask[micro_rows[i]].sum())
             if len(rows) == 0:  # no row of this micro-batch carries a gradient: its loss is exactly 0
                 for metric in (losses, kls, clips):
                     metric.append(0.0)
@@ -278,7 +279,7 @@ def grpo_step(
                 num_sequences=g.batch_size,
                 num_tokens=num_tokens,
                 max_completion_length=g.max_completion_length,
-                num_micro_batches=len(slices),
+                num_micro_batches=len(micro_rows),
                 micro_batch_tokens=micro_tokens,
             )
             loss.backward()
