@@ -57,7 +57,8 @@ def save_streamed(tensors: dict[str, torch.Tensor], path: Path) -> None:
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
+    # 0o600, as save_file creates its files (it writes through a private temporary file)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for name in order:
