@@ -92,6 +92,13 @@ def test_parse_override(item: str, expected: tuple) -> None:
             "sft.batch_size = 64 is not divisible by sft.micro_batch_size = 48",
         ),
         (["train.keep_checkpoints=-1"], {}, "train.keep_checkpoints = -1 must be a finite number >= 0"),
+        (
+            ["grpo.sampler_correction=token_truncate"],
+            {},
+            "set rollout.backend=vllm or grpo.sampler_correction=none",
+        ),
+        (["grpo.sampler_correction=tis"], {}, "grpo.sampler_correction"),
+        (["grpo.sampler_correction_max=0.5"], {}, "must be > 1"),
     ],
 )
 def test_bad_config_is_one_line_error(overrides: list[str], flags: dict, message: str) -> None:
