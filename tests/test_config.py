@@ -79,6 +79,20 @@ def test_parse_override(item: str, expected: tuple) -> None:
         (["grpo.num_generations=1", "grpo.batch_size=4"], {}, "must be >= 2"),
         (["badformat"], {}, "must look like section.key=value"),
         (
+            ["grpo.micro_batch_size=8", "grpo.micro_batch_tokens=4096"],
+            {},
+            "grpo.micro_batch_tokens = 4096 and grpo.micro_batch_size = 8 are both set; set one of them to 0",
+        ),
+        (["grpo.micro_batch_tokens=-1"], {}, "grpo.micro_batch_tokens = -1 must be a finite number >= 0"),
+        (["grpo.micro_batch_tokens=512", "grpo.loss_type='bnpo'"], {}, "use grpo.micro_batch_size"),
+        (["sft.micro_batch_size=-2"], {}, "sft.micro_batch_size = -2 must be a finite number >= 0"),
+        (
+            ["sft.micro_batch_size=48"],
+            {},
+            "sft.batch_size = 64 is not divisible by sft.micro_batch_size = 48",
+        ),
+        (["train.keep_checkpoints=-1"], {}, "train.keep_checkpoints = -1 must be a finite number >= 0"),
+        (
             ["grpo.sampler_correction=token_truncate"],
             {},
             "set rollout.backend=vllm or grpo.sampler_correction=none",
@@ -125,3 +139,9 @@ def test_defaults_are_valid_and_documented() -> None:
             assert f"{f.name}:" in source and '"""' in source.split(f"{f.name}:", 1)[1].splitlines()[1], (
                 f.name
             )
+
+
+def test_new_fields_are_in_the_resolved_config() -> None:
+    text = to_toml(load_config(None, ["grpo.micro_batch_tokens=4096", "sft.micro_batch_size=16"]))
+    for line in ("micro_batch_tokens = 4096", "micro_batch_size = 16", "keep_checkpoints = 0"):
+        assert line in text.splitlines(), line

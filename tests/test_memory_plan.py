@@ -76,6 +76,25 @@ def test_rlopt_plan_prints_both_optimizers_and_refuses_bad_input() -> None:
     assert unknown.exit_code == 2 and "known" in unknown.output
 
 
+def test_a_token_budget_plans_its_largest_micro_batch() -> None:
+    # 8 rows of 512 + 3,072 tokens: a budget of exactly that plans as grpo.micro_batch_size = 8 does
+    budget = ["grpo.micro_batch_size=0", f"grpo.micro_batch_tokens={8 * (512 + 3072)}"]
+    cfg = load_config(PAPER.format("adamw"))
+    shape = resolve_shape(cfg.model.name_or_path)
+    fixed = plan(cfg, shape, "adamw", GPUS["h100-80gb"], 512)
+    tokens = plan(load_config(PAPER.format("adamw"), budget), shape, "adamw", GPUS["h100-80gb"], 512)
+    assert tokens.items == fixed.items and tokens.phases == fixed.phases
+    # a budget below one group still plans one whole group (G = 4 here), never less
+    tiny = plan(
+        load_config(PAPER.format("adamw"), budget[:1] + ["grpo.micro_batch_tokens=100"]),
+        shape,
+        "adamw",
+        GPUS["h100-80gb"],
+        512,
+    )
+    assert tiny.items["activations"] < fixed.items["activations"]
+
+
 def test_sharding_splits_the_states_and_adds_fsdps_buffers() -> None:
     cfg = load_config(PAPER.format("adamw"), ["model.name_or_path=Qwen/Qwen3-8B"])
     shape = resolve_shape(cfg.model.name_or_path)

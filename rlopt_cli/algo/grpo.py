@@ -96,6 +96,57 @@ def token_logprobs(
     return torch.nn.functional.pad(logps, (0, full_length - logps.shape[1]))  # [N, L] as given
 
 
+def micro_batch_rows(
+    prompt_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    carries: torch.Tensor,
+    group_size: int,
+    micro_batch_size: int = 0,
+    budget_tokens: int = 0,
+) -> list[torch.Tensor]:
+    """The batch's micro-batches, as row indices [b] (CPU): `micro_batch_size` consecutive rows each (0: one
+    micro-batch), or with `budget_tokens` > 0, whole groups packed under a token budget:
+    - groups are taken widest first (prompt + completion, as `trim` leaves them), so each micro-batch holds groups
+      of similar width and pads little, and added greedily while the micro-batch's padded size, rows x (longest
+      prompt + longest completion), stays within the budget;
+    - a group bigger than the budget on its own goes alone: a group is never split, so its prompt is forwarded
+      once for its G completions (`token_logprobs` with group_size G);
+    - only rows that are forwarded (`carries` [B] bool) count: groups that carry no gradient go together in one
+      last micro-batch that the loop skips at no cost (or the only one, when nothing is forwarded).
+    The loss normalisers of grpo, dr_grpo and dapo count the whole batch, so any partition gives the same summed
+    loss and gradient, up to float summation order (bnpo's per-micro-batch mean would not: the config refuses
+    it with a budget). prompt_mask [B, P], completion_mask [B, L] (the loss mask)."""
+    rows = completion_mask.shape[0]
+    if budget_tokens <= 0:
+        micro = micro_batch_size or rows
+        return [torch.arange(i, min(i + micro, rows)) for i in range(0, rows, micro)]
+    prompt_mask, completion_mask = prompt_mask.cpu(), completion_mask.cpu()
+    # real tokens' span: prompts are left-padded (counted from the right), completions right-padded
+    prompt_extent = (prompt_mask.flip(1) * torch.arange(1, prompt_mask.shape[1] + 1)).amax(1)  # [B]
+    completion_extent = (completion_mask * torch.arange(1, completion_mask.shape[1] + 1)).amax(1)  # [B]
+    prompt_len = prompt_extent.view(-1, group_size).amax(1)  # [B/G]
+    completion_len = completion_extent.clamp(min=1).view(-1, group_size).amax(1)  # [B/G]
+    forwarded = carries.cpu().view(-1, group_size).any(1)  # [B/G]
+    widest_first = torch.argsort(prompt_len + completion_len, descending=True, stable=True)  # [B/G]
+    packs: list[list[int]] = []
+    longest_prompt = longest_completion = 0  # of the open pack (packs[-1])
+    for group in widest_first[forwarded[widest_first]].tolist():
+        p_len = max(longest_prompt, int(prompt_len[group]))
+        c_len = max(longest_completion, int(completion_len[group]))
+        if not packs or (len(packs[-1]) + 1) * group_size * (p_len + c_len) > budget_tokens:
+            packs.append([])
+            p_len, c_len = int(prompt_len[group]), int(completion_len[group])
+        packs[-1].append(group)
+        longest_prompt, longest_completion = p_len, c_len
+    idle = (~forwarded).nonzero().flatten().tolist()
+    if idle or not packs:
+        packs.append(idle)
+    offsets = torch.arange(group_size)
+    return [
+        (torch.tensor(pack, dtype=torch.long)[:, None] * group_size + offsets).flatten() for pack in packs
+    ]
+
+
 def trim(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,

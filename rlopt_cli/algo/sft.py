@@ -1,7 +1,9 @@
 """SFT on a task's reference solutions, in the same [prompt | completion] layout GRPO uses.
 
 The loss is the mean negative log-likelihood of the completion tokens (solution + EOS) only, never the prompt:
-the same objective the paper contrasts RL with, and the one that warms up the embedded model.
+the same objective the paper contrasts RL with, and the one that warms up the embedded model. `sft_backward`
+accumulates it over micro-batches (`sft.micro_batch_size`), each normalised by the whole batch's token count, so
+the gradient is the whole batch's up to rounding.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from rlopt_cli.algo.grpo import token_logprobs
 from rlopt_cli.rollout import Rollout
+from rlopt_cli.runtime.devices import autocast
 from rlopt_cli.tasks import Example
 
 
@@ -40,9 +43,40 @@ def sft_batch(
     )
 
 
-def sft_loss(model: Any, batch: Rollout) -> torch.Tensor:
+def sft_loss(model: Any, batch: Rollout, num_tokens: int | None = None) -> torch.Tensor:
+    """Summed NLL of the batch's completion tokens over `num_tokens` (None: this batch's own count, the mean)."""
     logps = token_logprobs(
         model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask
     )  # [N, L]
     mask = batch.completion_mask.float()  # [N, L]
-    return -(logps * mask).sum() / mask.sum()
+    return -(logps * mask).sum() / (mask.sum() if num_tokens is None else num_tokens)
+
+
+def sft_backward(model: Any, batch: Rollout, micro_batch_size: int, precision: str) -> float:
+    """Backward the batch's mean NLL into the gradients, `micro_batch_size` rows per pass (0 = all at once, the
+    original path, untouched); returns the loss. Every micro-batch's summed NLL is divided by the whole batch's
+    token count, so the passes add up to the whole batch's loss and gradient (each micro-batch's own mean,
+    averaged, would weight a token of a short micro-batch more)."""
+    device = batch.prompt_ids.device
+    if not micro_batch_size:
+        with autocast(precision, device):
+            loss = sft_loss(model, batch)
+        loss.backward()
+        return loss.item()
+    num_tokens = int(batch.completion_mask.sum())
+    total = 0.0
+    for start in range(0, len(batch.texts), micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        micro = Rollout(
+            batch.prompt_ids[rows],
+            batch.prompt_mask[rows],
+            batch.completion_ids[rows],
+            batch.completion_mask[rows],
+            batch.truncated[rows],
+            batch.texts[rows],
+        )  # token_logprobs trims it to its own longest prompt and completion
+        with autocast(precision, device):
+            loss = sft_loss(model, micro, num_tokens)
+        loss.backward()
+        total += loss.item()
+    return total

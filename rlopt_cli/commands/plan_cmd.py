@@ -33,7 +33,7 @@ def plan(
     """Print the estimated peak device memory of a GRPO run, per component, for SGD and AdamW."""
     from rlopt_cli.config.recipes import load_config
     from rlopt_cli.errors import RloptError, close_matches
-    from rlopt_cli.training.memory_plan import GIB, GPUS, resolve_shape
+    from rlopt_cli.training.memory_plan import GIB, GPUS, planned_rows, resolve_shape
     from rlopt_cli.training.memory_plan import plan as make_plan
 
     if gpu not in GPUS:
@@ -53,7 +53,7 @@ def plan(
     sharded = f", sharded over {nproc} GPUs (per GPU)" if nproc > 1 else ""
     typer.echo(
         f"{cfg.model.name_or_path}: {shape.params / 1e9:.2f}B parameters, vocab {shape.vocab:,}; micro-batch "
-        f"{g.micro_batch_size or g.batch_size} x ({prompt_tokens} prompt + {g.max_completion_length} completion) "
+        f"{planned_rows(g, prompt_tokens)} x ({prompt_tokens} prompt + {g.max_completion_length} completion) "
         f"tokens, {cfg.train.precision}, checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}, "
         f"log-prob chunk {g.logprob_chunk_tokens or 'off'}; {gpu} ({GPUS[gpu] / GIB:.1f} GiB){sharded}"
     )

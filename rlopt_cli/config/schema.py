@@ -169,6 +169,11 @@ class GRPOConfig:
     """Completions per optimizer step (prompts per step = batch_size / num_generations)."""
     micro_batch_size: int = 0
     """Completions per forward/backward pass (gradient accumulation); 0 = the whole batch at once."""
+    micro_batch_tokens: int = 0
+    """Instead of micro_batch_size: micro-batches of whole groups, packed greedily in order while their padded
+    size (rows x longest prompt + completion) stays within this many tokens; a group bigger than that goes
+    alone. Same gradient as fixed-size micro-batches (the loss normalisers stay the whole batch's; bnpo, a
+    per-micro-batch mean, is refused). 0 = off."""
     max_completion_length: int = 6
     """Tokens generated per completion at most (a 2-digit sum needs at most 4 with EOS)."""
     temperature: float = 1.0
@@ -234,6 +239,17 @@ class GRPOConfig:
                 f"grpo.batch_size = {self.batch_size} is not divisible by grpo.micro_batch_size = "
                 f"{self.micro_batch_size}"
             )
+        _positive(self.micro_batch_tokens, "grpo.micro_batch_tokens", allow_zero=True)
+        if self.micro_batch_tokens and self.micro_batch_size:
+            raise RloptError(
+                f"grpo.micro_batch_tokens = {self.micro_batch_tokens} and grpo.micro_batch_size = "
+                f"{self.micro_batch_size} are both set; set one of them to 0"
+            )
+        if self.micro_batch_tokens and self.loss_type == "bnpo":
+            raise RloptError(
+                "grpo.micro_batch_tokens with grpo.loss_type = 'bnpo' would make the loss depend on how "
+                "micro-batches are packed (bnpo averages each one's tokens); use grpo.micro_batch_size"
+            )
         _positive(self.max_completion_length, "grpo.max_completion_length")
         _positive(self.temperature, "grpo.temperature")
         _positive(self.beta, "grpo.beta", allow_zero=True)
@@ -265,9 +281,18 @@ class GRPOConfig:
 class SFTConfig:
     batch_size: int = 64
     """Examples per optimizer step; the loss is the mean NLL of the reference completion's tokens (+ EOS)."""
+    micro_batch_size: int = 0
+    """Examples per forward/backward pass (gradient accumulation, normalised by the whole batch's tokens, so the
+    same loss and gradient up to rounding); 0 = the whole batch at once."""
 
     def __post_init__(self) -> None:
         _positive(self.batch_size, "sft.batch_size")
+        _positive(self.micro_batch_size, "sft.micro_batch_size", allow_zero=True)
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise RloptError(
+                f"sft.batch_size = {self.batch_size} is not divisible by sft.micro_batch_size = "
+                f"{self.micro_batch_size}"
+            )
 
 
 @dataclass(frozen=True)
@@ -331,6 +356,9 @@ class TrainConfig:
     """Evaluate (greedy accuracy on the eval split) every this many steps, before step 1 and at the end."""
     checkpoint_every: int = 50
     """Save a checkpoint every this many steps, and always at the end."""
+    keep_checkpoints: int = 0
+    """After each save keep only the newest this many checkpoints (plus step-000000, the sparsity reference,
+    which is never deleted); 0 = keep all. Resume needs only the newest."""
     precision: str = "fp32"
     """fp32, or bf16-autocast (bf16 compute, fp32 master weights)."""
     save_dtype: str = "bfloat16"
@@ -348,6 +376,7 @@ class TrainConfig:
         _positive(self.steps, "train.steps")
         _positive(self.eval_every, "train.eval_every", allow_zero=True)
         _positive(self.checkpoint_every, "train.checkpoint_every", allow_zero=True)
+        _positive(self.keep_checkpoints, "train.keep_checkpoints", allow_zero=True)
         _choice(self.precision, PRECISIONS, "train.precision")
         _choice(self.save_dtype, SAVE_DTYPES, "train.save_dtype")
         _choice(self.cpu_isa, CPU_ISAS, "train.cpu_isa")

@@ -13,8 +13,15 @@
                       trainer_state.safetensors   fp32 master weights, optimizer state, RNG state
 
 step-000000 holds the starting weights, so `rlopt sparsity` and the in-training sparsity have a reference.
-Every file is written to a temporary name and renamed into place; a checkpoint folder appears whole or not at
-all. Nothing is pickled: tensors go to safetensors, the rest to JSON.
+Every file is written into a temporary folder, fsynced (files, then folders), and the folder is renamed into
+place and its parent fsynced: a checkpoint folder appears whole or not at all, through a kill or a power loss.
+Nothing is pickled: tensors go to safetensors, the rest to JSON.
+
+Memory and size: the trainer state is written one tensor at a time (`runtime/safetensors_stream.py`), so the
+host holds one tensor's copy, not the model's fp32 weights and moments at once. A tied lm_head (SmolLM2, Qwen3)
+is one parameter: the trainer state holds it once (`named_parameters` yields it once), and so does the export
+(`export_weights` keeps the tie through the dtype cast, so save_pretrained drops the lm_head copy as it does
+for the fp32 model). `train.keep_checkpoints` prunes old checkpoints after each save (`prune_checkpoints`).
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ from typing import Any
 
 from rlopt_cli.errors import RloptError
 from rlopt_cli.models.loading import PICKLE_SUFFIXES, mark_saved_dtype, refuse_pickle
+from rlopt_cli.runtime.atomic_files import fsync_dir, fsync_tree
 from rlopt_cli.runtime.kill_points import kill_point
 
 CHECKPOINTS = "checkpoints"
+DELETING = ".old.tmp"  # suffix of a checkpoint being pruned: ends in .tmp, so no reader takes it for whole
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -89,20 +98,23 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoints/step-NNNNNN atomically: export weights in `save_dtype`, master weights in fp32."""
     import torch  # heavy: imported on use
-    from safetensors.torch import save_file  # heavy: imported on use
+
+    from rlopt_cli.runtime.safetensors_stream import save_streamed  # imports torch
 
     final = step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dtype = getattr(torch, save_dtype)
-    export = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    export = export_weights(model, getattr(torch, save_dtype))
     model.save_pretrained(tmp, state_dict=export, safe_serialization=True, max_shard_size="5GB")
+    del export
     mark_saved_dtype(tmp, save_dtype)
     tokenizer.save_pretrained(tmp)
     (tmp / "rlopt.toml").write_text(config_toml)
 
-    tensors = {f"master.{n}": p.detach().float().contiguous().cpu() for n, p in model.named_parameters()}
+    # References, not copies (`.float()` of the fp32 master weights is the tensor itself): `save_streamed`
+    # copies them to the host one at a time.
+    tensors = {f"master.{n}": p.detach().float() for n, p in model.named_parameters()}
     tensors["rng.torch"] = torch.get_rng_state()
     groups: list[dict[str, Any]] = []
     if optimizer is not None:
@@ -110,18 +122,53 @@ def save_checkpoint(
         for idx, values in state["state"].items():
             for key, value in values.items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{idx}.{key}"] = value.detach().contiguous().cpu()
+                    tensors[f"optim.{idx}.{key}"] = value
         groups = state["param_groups"]
-    save_file(tensors, str(tmp / "trainer_state.safetensors"))
+    save_streamed(tensors, tmp / "trainer_state.safetensors")
     (tmp / "trainer_state.json").write_text(
         json.dumps({"step": step, "save_dtype": save_dtype, "param_groups": groups}, indent=2, default=list)
         + "\n"
     )
+    fsync_tree(tmp)  # every file's data on disk before the rename publishes the folder
     kill_point(f"checkpoint-{step}")
     if final.exists():  # re-saving a step after a resume: replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(final.parent)  # the rename itself, durable
     return final
+
+
+def export_weights(model: Any, dtype: Any) -> dict[str, Any]:
+    """The state dict cast to `dtype`, contiguous, with one cast per distinct tensor: a tied lm_head stays the
+    embedding's own tensor, so save_pretrained writes it once (as for the fp32 model). Casting per key made two
+    equal bf16 tensors, and the tied matrix was written twice (+ vocab x hidden x 2 bytes: 622 MB at Qwen3-1.7B)."""
+    cast: dict[tuple[Any, ...], Any] = {}
+    export: dict[str, Any] = {}
+    for name, value in model.state_dict().items():
+        key = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if key not in cast:
+            cast[key] = value.detach().to(dtype).contiguous()
+        export[name] = cast[key]
+    return export
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (0 = keep all), never step-000000 (the sparsity reference);
+    returns the deleted folders. Each is renamed to a `.tmp` name before it is deleted, so a kill midway leaves no
+    half folder that looks whole; leftovers of such a kill are deleted here too."""
+    for leftover in (run_dir / CHECKPOINTS).glob(f"step-*{DELETING}"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if keep <= 0:
+        return []
+    later = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) > 0]
+    doomed = later[:-keep]
+    for ckpt in doomed:
+        gone = ckpt.with_name(ckpt.name + DELETING)
+        os.replace(ckpt, gone)
+        shutil.rmtree(gone)
+    if doomed:
+        fsync_dir(run_dir / CHECKPOINTS)
+    return doomed
 
 
 def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:

@@ -44,7 +44,7 @@ from rlopt_cli.runtime.devices import autocast, peak_memory_bytes, resolve_devic
 from rlopt_cli.runtime.folder_lock import FolderLock, make_folder
 from rlopt_cli.runtime.kill_points import kill_point
 from rlopt_cli.tasks import Example, Task, build_task
-from rlopt_cli.training.checkpoint import load_trainer_state, save_checkpoint, step_dir
+from rlopt_cli.training.checkpoint import load_trainer_state, prune_checkpoints, save_checkpoint, step_dir
 from rlopt_cli.training.evaluation import evaluate
 from rlopt_cli.training.progress import progress_bar, progress_info
 from rlopt_cli.training.reference import Reference, reference_dtype
@@ -169,6 +169,7 @@ def run_training(cfg: RunConfig, run_dir: Path, device: torch.device, task: Task
             kill_point(f"step-{step}")
             if due(step, cfg.train.checkpoint_every, cfg.train.steps):
                 save_checkpoint(run_dir, step, model, tokenizer, optimizer, config_toml, cfg.train.save_dtype)
+                prune_checkpoints(run_dir, cfg.train.keep_checkpoints)  # only after the new one is whole
             progress.update(bar, completed=step, info=progress_info(row))
 
     metrics_file.close()
@@ -209,8 +210,6 @@ def grpo_step(
     mask = rollout.completion_mask  # [B, L]
     if g.mask_truncated_completions:
         mask = mask * (~rollout.truncated).unsqueeze(1)
-    micro = g.micro_batch_size or g.batch_size
-    slices = [slice(i, i + micro) for i in range(0, g.batch_size, micro)]
     num_tokens = int(mask.sum())
     # Rows that carry a gradient. With beta = 0, a group whose completions all scored alike has zero advantage:
     # its loss and gradient are exactly zero, so its forward/backward is skipped (its tokens still count in the
@@ -218,9 +217,15 @@ def grpo_step(
     carries = advantages.view(-1, g.num_generations).ne(0).any(1).repeat_interleave(g.num_generations)  # [B]
     if g.beta > 0 or not g.skip_zero_advantage:
         carries = torch.ones_like(carries)
-    batches = [torch.arange(s.start, s.stop, device=device)[carries[s]] for s in slices]  # row indices [b]
+    # Fixed-size micro-batches, or whole groups packed under a token budget (grpo.micro_batch_tokens).
+    micro_rows = grpo.micro_batch_rows(
+        rollout.prompt_mask, mask, carries, g.num_generations, g.micro_batch_size, g.micro_batch_tokens
+    )
+    micro_rows = [rows.to(device) for rows in micro_rows]  # [b_i] row indices
+    batches = [rows[carries[rows]] for rows in micro_rows]  # [b] the rows that are forwarded
     # Whole groups per micro-batch: each prompt is forwarded once for its G completions (grpo.token_logprobs).
-    group_size = g.num_generations if g.share_prompt_forward and micro % g.num_generations == 0 else 1
+    whole_groups = all(len(rows) % g.num_generations == 0 for rows in micro_rows)
+    group_size = g.num_generations if g.share_prompt_forward and whole_groups else 1
 
     def logps_of(m: Any, rows: torch.Tensor) -> torch.Tensor:
         with autocast(cfg.train.precision, device):
@@ -259,7 +264,7 @@ def grpo_step(
     for iteration in range(g.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for i, rows in enumerate(batches):
-            micro_tokens = int(mask[slices[i]].sum())
+            micro_tokens = int(mask[micro_rows[i]].sum())
             if len(rows) == 0:  # no row of this micro-batch carries a gradient: its loss is exactly 0
                 for metric in (losses, kls, clips):
                     metric.append(0.0)
@@ -294,7 +299,7 @@ def grpo_step(
                 num_sequences=g.batch_size,
                 num_tokens=num_tokens,
                 max_completion_length=g.max_completion_length,
-                num_micro_batches=len(slices),
+                num_micro_batches=len(micro_rows),
                 micro_batch_tokens=micro_tokens,
             )
             loss.backward()
@@ -346,16 +351,14 @@ def sft_step(
     device = next(model.parameters()).device
     batch = sft.sft_batch(tokenizer, prompts, examples, device)
     optimizer.zero_grad(set_to_none=True)
-    with autocast(cfg.train.precision, device):
-        loss = sft.sft_loss(model, batch)
-    loss.backward()
+    loss = sft.sft_backward(model, batch, cfg.sft.micro_batch_size, cfg.train.precision)
     before = weights_before_step(model) if cfg.log.update_norm else None
     grad_norm, probed = clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm, step in cfg.probe.steps)
     optimizer.zero_grad(set_to_none=True)
     measured = {} if before is None else {"train/update_norm": step_norm(model, before)}
     return measured | {
         "probe": probed,
-        "train/loss": loss.item(),
+        "train/loss": loss,
         "train/grad_norm": grad_norm,
         "train/clip_active": float(grad_norm > cfg.optimizer.max_grad_norm > 0),
         "train/nonfinite_skipped": float(not math.isfinite(grad_norm)),

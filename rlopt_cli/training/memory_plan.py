@@ -209,6 +209,15 @@ class Plan:
         return self.peak <= self.card and self.vllm_kv_tokens >= self.sequence_tokens
 
 
+def planned_rows(g: Any, prompt_tokens: int) -> int:
+    """Rows of the largest micro-batch: grpo.micro_batch_size (0: the batch), or with grpo.micro_batch_tokens
+    as many whole groups of full-length rows as the budget admits (one group at least: it is never split)."""
+    if not g.micro_batch_tokens:
+        return int(g.micro_batch_size or g.batch_size)
+    per_group = g.num_generations * (prompt_tokens + g.max_completion_length)
+    return int(min(g.batch_size, max(1, g.micro_batch_tokens // per_group) * g.num_generations))
+
+
 def fsdp_buffers(shape: Shape, compute_size: int) -> int:
     """What FSDP2 holds beyond the shards at its peak: gathered parameters in the compute dtype (the
     embedding's unit, or lm_head's, and two decoder blocks: the one running and the one prefetched) and one
@@ -234,7 +243,7 @@ def plan(cfg: Any, shape: Shape, optimizer: str, card: int, prompt_tokens: int, 
     g, p = cfg.grpo, shape.params
     shard = -(-p // world_size)  # parameters per rank: FSDP2 pads every tensor's shards to equal sizes
     compute = 2 if cfg.train.precision == "bf16-autocast" else 4
-    rows, group, length = g.micro_batch_size or g.batch_size, g.num_generations, g.max_completion_length
+    rows, group, length = planned_rows(g, prompt_tokens), g.num_generations, g.max_completion_length
     grouped = g.share_prompt_forward and rows % group == 0
     packed = grouped and prompt_tokens + group * (length - 1) <= g.pack_max_tokens
     if packed:

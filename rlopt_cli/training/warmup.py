@@ -57,7 +57,10 @@ def warmup_config(cfg: RunConfig) -> RunConfig:
 def warm_key(cfg: RunConfig) -> str:
     # Only what shapes the warm weights: not logging, rollout or probe settings, nor the device.
     full = to_dict(warmup_config(cfg))
-    train = {k: v for k, v in full["train"].items() if k not in ("device", "run_name")}
+    train = {k: v for k, v in full["train"].items() if k not in ("device", "run_name", "keep_checkpoints")}
+    # Fields added later, at the value that is the old path, leave the key as it was: caches stay valid.
+    if full["sft"].get("micro_batch_size") == 0:
+        del full["sft"]["micro_batch_size"]
     if cfg.train.cpu_isa == "native":  # the CPU's own kernels shape the weights: one cache per kernel set
         import torch  # heavy: only here, where a run has loaded it anyway
 
