@@ -252,12 +252,6 @@ def test_embedded_prompts_are_encoded_as_before() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,  # the ids start [1, 1, ...]: two BOS
-    reason="rlopt_cli/algo/sft.py (owned elsewhere) still encodes templated prompts with the tokenizer's BOS: "
-    "sft_batch needs a `templated` argument passed to `encode_prompts`, and loop.sft_step to pass it",
-)
 def test_sft_batches_of_templated_prompts_start_with_one_bos() -> None:
     from rlopt_cli.algo.sft import sft_batch
     from rlopt_cli.tasks import Example
@@ -265,8 +259,12 @@ def test_sft_batches_of_templated_prompts_start_with_one_bos() -> None:
     tok = bos_tokenizer()
     prompts = render_prompts(tok, ["2+3?"], True)
     examples = [Example(prompt="2+3?", answer="5", solution="5")]
-    batch = sft_batch(tok, prompts, examples, torch.device("cpu"))  # the fix adds templated=True here
+    batch = sft_batch(tok, prompts, examples, torch.device("cpu"), templated=True)
     assert batch.prompt_ids.tolist() == [[1, 4, 6, 2, 5]]
+    plain = sft_batch(
+        tok, ["2+3?"], examples, torch.device("cpu")
+    )  # untemplated prompts keep the tokenizer's BOS
+    assert plain.prompt_ids[0, 0].item() == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,16 +14,22 @@ from typing import Any
 import torch
 
 from rlopt_cli.algo.grpo import token_logprobs
+from rlopt_cli.models.loading import encode_prompts
 from rlopt_cli.rollout import Rollout
 from rlopt_cli.runtime.devices import autocast
 from rlopt_cli.tasks import Example
 
 
 def sft_batch(
-    tokenizer: Any, prompts: list[str], examples: Sequence[Example], device: torch.device
+    tokenizer: Any,
+    prompts: list[str],
+    examples: Sequence[Example],
+    device: torch.device,
+    templated: bool = False,
 ) -> Rollout:
-    """Left-padded prompts and right-padded reference completions ending in EOS."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    """Left-padded prompts and right-padded reference completions ending in EOS. `templated`: the prompts went
+    through the chat template, which wrote the special tokens itself (`encode_prompts`)."""
+    enc = encode_prompts(tokenizer, prompts, templated)
     targets = [
         tokenizer(e.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for e in examples
     ]

@@ -36,6 +36,7 @@ from rlopt_cli.models.loading import (
     load_policy,
     parameter_count,
     render_prompts,
+    uses_chat_template,
 )
 from rlopt_cli.rollout import Backend, make_backend
 from rlopt_cli.runtime import cpu_kernels
@@ -349,7 +350,8 @@ def sft_step(
         tokenizer, [e.prompt for e in examples], cfg.task.chat_template, cfg.task.chat_template_kwargs
     )
     device = next(model.parameters()).device
-    batch = sft.sft_batch(tokenizer, prompts, examples, device)
+    templated = uses_chat_template(tokenizer, cfg.task.chat_template)
+    batch = sft.sft_batch(tokenizer, prompts, examples, device, templated)
     optimizer.zero_grad(set_to_none=True)
     loss = sft.sft_backward(model, batch, cfg.sft.micro_batch_size, cfg.train.precision)
     before = weights_before_step(model) if cfg.log.update_norm else None
