@@ -328,6 +328,10 @@ class RolloutConfig:
     makes vLLM check that one such sequence fits its KV cache). The paper recipes set prompt cap + completion."""
     vllm_max_num_seqs: int = 0
     """vllm: sequences decoded at once; 0 = vLLM's default. A batch of 1,024 completions fills it many times."""
+    seed_scope: str = "batch"
+    """Sampling randomness of a training step: 'batch', one generator per step (the original runs); 'prompt',
+    one per (seed, step, prompt, sample), so completions do not depend on the batch's split over processes
+    (hf backend; required by `rlopt train --nproc N` with N > 1)."""
 
     def __post_init__(self) -> None:
         _choice(self.backend, ("hf", "vllm"), "rollout.backend")
@@ -335,6 +339,9 @@ class RolloutConfig:
         _positive(self.vllm_max_num_seqs, "rollout.vllm_max_num_seqs", allow_zero=True)
         _choice(self.vllm_dtype, ("auto", "bfloat16", "float16", "float32"), "rollout.vllm_dtype")
         _positive(self.eval_batch_size, "rollout.eval_batch_size")
+        _choice(self.seed_scope, ("batch", "prompt"), "rollout.seed_scope")
+        if self.seed_scope == "prompt" and self.backend != "hf":
+            raise RloptError("rollout.seed_scope = 'prompt' needs rollout.backend = 'hf'")
 
 
 @dataclass(frozen=True)
