@@ -106,6 +106,7 @@ def shard_model(model: Any, device: torch.device) -> Any:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
     with torch.no_grad():  # the first forward through the root makes it FSDP's root (the loss skips it)
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
     return model
