@@ -24,7 +24,9 @@ def train(
     out: Path = typer.Option(Path("results"), "--out", "-o", help="Folder that holds the run folders."),
     wandb: bool | None = typer.Option(None, "--wandb/--no-wandb", help="Log to W&B (offline without a key)."),
     nproc: int = typer.Option(
-        1, "--nproc", help="Processes to shard the run over (FSDP2 under torchrun; needs rollout.seed_scope=prompt)."
+        1,
+        "--nproc",
+        help="Processes to shard the run over (FSDP2 under torchrun; needs rollout.seed_scope=prompt).",
     ),
 ) -> None:
     """Train one run (resumes if its folder holds an unfinished run with the same config)."""
@@ -49,12 +51,16 @@ def train(
         check_sharded(cfg, nproc)  # every one-line error before any process starts
         values = [("--optimizer", optimizer), ("--lr", lr), ("--seed", seed), ("--steps", steps)]
         argv = ["train", *(["--recipe", str(recipe)] if recipe else [])]
-        argv += [a for flag, v in [*values, ("--objective", objective)] if v is not None for a in (flag, str(v))]
+        argv += [
+            a for flag, v in [*values, ("--objective", objective)] if v is not None for a in (flag, str(v))
+        ]
         argv += [a for o in overrides for a in ("--set", o)] + ["--out", str(out)]
         argv += [] if wandb is None else ["--wandb" if wandb else "--no-wandb"]
         code = launch(nproc, argv)
         if code:
-            raise RloptError(f"a rank of the {nproc}-process run failed (torchrun exit {code}); see its error above")
+            raise RloptError(
+                f"a rank of the {nproc}-process run failed (torchrun exit {code}); see its error above"
+            )
         return
     pin_cpu_kernels(cfg.train.cpu_isa)
 

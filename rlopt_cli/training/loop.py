@@ -49,18 +49,20 @@ from rlopt_cli.runtime.distributed import World
 from rlopt_cli.runtime.folder_lock import FolderLock, make_folder
 from rlopt_cli.runtime.kill_points import kill_point
 from rlopt_cli.tasks import Example, Task, build_task
+from rlopt_cli.training import sharding
 from rlopt_cli.training.checkpoint import load_trainer_state, save_checkpoint, step_dir
 from rlopt_cli.training.evaluation import evaluate
 from rlopt_cli.training.progress import progress_bar, progress_info
 from rlopt_cli.training.reference import Reference, reference_dtype
-from rlopt_cli.training import sharding
 from rlopt_cli.training.run_folder import claim_run, inspect_run, summarize, update_meta, write_meta
 from rlopt_cli.training.tracking import MetricsFile, NullSink, Sink, WandbSink, read_metrics
 from rlopt_cli.training.update_fraction import UpdateReference, step_norm, weights_before_step
 from rlopt_cli.training.warmup import warm_start
 
 
-def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print, world: World | None = None) -> Path:
+def train(
+    cfg: RunConfig, out_dir: str | Path = "results", say: Any = print, world: World | None = None
+) -> Path:
     """Run (or resume, or skip if finished) one training run; returns its folder.
 
     Everything that can be checked is checked before the folder is touched (config, device, task files, model
@@ -89,7 +91,9 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print, wor
         make_folder(run_dir)
     try:
         with FolderLock(run_dir, "run") if world.lead else nullcontext():  # rank 0 holds it for the run
-            if inspect_run(run_dir, cfg).finished:  # again, under the lock: another process may have finished it
+            if inspect_run(
+                run_dir, cfg
+            ).finished:  # again, under the lock: another process may have finished it
                 say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
             else:
                 run_training(cfg, run_dir, device, task, say, world)
@@ -113,7 +117,9 @@ def run_training(
     if not world.lead:
         warm = warm_start(cfg, warm_up, say)
     model, tokenizer = load_policy(cfg, device, warm)
-    state = claim_run(run_dir, cfg) if world.lead else None  # only now: a model that fails to load claims nothing
+    state = (
+        claim_run(run_dir, cfg) if world.lead else None
+    )  # only now: a model that fails to load claims nothing
     world.barrier()
     state = state or inspect_run(run_dir, cfg)
     kill_point("startup")
@@ -259,10 +265,12 @@ def grpo_step(
     gen_s = time.perf_counter() - t_gen
     repeated = [e for e in examples for _ in range(g.num_generations)]
     device = rollout.completion_ids.device
-    rows = slice(share.start * g.num_generations, share.stop * g.num_generations)  # this rank's rows
+    own_rows = slice(share.start * g.num_generations, share.stop * g.num_generations)  # this rank's rows
     local_rewards = torch.tensor(task.rewards(rollout.texts, repeated), dtype=torch.float32)  # [b]
     rewards = world.gather(local_rewards)  # [B]
-    advantages = grpo.group_advantages(rewards, g.num_generations, g.scale_rewards)[rows].to(device)  # [b]
+    advantages = grpo.group_advantages(rewards, g.num_generations, g.scale_rewards)[own_rows].to(
+        device
+    )  # [b]
     if world.sharded:  # every rank forwards prompts of one width, so the log-prob passes agree on shapes
         rollout = sharding.pad_prompts(rollout, world, tokenizer.pad_token_id)
     mask = rollout.completion_mask  # [b, L]

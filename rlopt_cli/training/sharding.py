@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -50,19 +50,29 @@ def check_sharded(cfg: RunConfig, nproc: int) -> None:
     if nproc == 1:
         return
     g = cfg.grpo
-    why = {
-        cfg.train.objective != "grpo": "train.objective = 'sft' runs in one process for now; drop --nproc",
-        cfg.rollout.backend != "hf": f"rollout.backend = {cfg.rollout.backend!r} cannot run sharded (vLLM "
-        "under torchrun is out of scope for now); use rollout.backend='hf' or drop --nproc",
-        cfg.rollout.seed_scope != "prompt": "a sharded run needs rollout.seed_scope='prompt' (sampling seeded "
-        "per prompt, so the completions do not depend on the number of processes)",
-        g.prompts_per_step % nproc != 0: f"--nproc {nproc} must divide the prompts per step "
-        f"(grpo.batch_size / grpo.num_generations = {g.prompts_per_step})",
-        g.beta > 0: "grpo.beta > 0 needs a KL reference model, which is not sharded yet; set grpo.beta=0",
-        bool(cfg.probe.steps): "probe.steps is not supported in a sharded run; drop it or --nproc",
-        cfg.log.update_norm: "log.update_norm is not supported in a sharded run; drop it or --nproc",
-    }
-    for bad, message in why.items():
+    backend = cfg.rollout.backend
+    why = [  # (refused, why), checked in this order
+        (cfg.train.objective != "grpo", "train.objective = 'sft' runs in one process for now; drop --nproc"),
+        (
+            backend != "hf",
+            f"rollout.backend = {backend!r} cannot run sharded (vLLM under torchrun is out of scope for now); "
+            "use rollout.backend='hf' or drop --nproc",
+        ),
+        (
+            cfg.rollout.seed_scope != "prompt",
+            "a sharded run needs rollout.seed_scope='prompt' (sampling seeded per prompt, so the completions "
+            "do not depend on the number of processes)",
+        ),
+        (
+            g.prompts_per_step % nproc != 0,
+            f"--nproc {nproc} must divide the prompts per step (grpo.batch_size / grpo.num_generations = "
+            f"{g.prompts_per_step})",
+        ),
+        (g.beta > 0, "grpo.beta > 0 needs a KL reference model, which is not sharded yet; set grpo.beta=0"),
+        (bool(cfg.probe.steps), "probe.steps is not supported in a sharded run; drop it or --nproc"),
+        (cfg.log.update_norm, "log.update_norm is not supported in a sharded run; drop it or --nproc"),
+    ]
+    for bad, message in why:
         if bad:
             raise RloptError(message)
     local = g.batch_size // nproc
@@ -94,7 +104,9 @@ def shard_model(model: Any, device: torch.device) -> Any:
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     layers = getattr(decoder, "layers", None)
     if layers is None or not hasattr(decoder, "embed_tokens"):
-        raise RloptError(f"{type(model).__name__} has no decoder.layers to shard; use a Llama/Qwen-family model")
+        raise RloptError(
+            f"{type(model).__name__} has no decoder.layers to shard; use a Llama/Qwen-family model"
+        )
     for block in layers:
         fully_shard(block, mp_policy=policy)
     if head.weight is decoder.embed_tokens.weight:  # tied: one parameter, so one unit for both modules
@@ -222,7 +234,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     world.barrier()
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full: dict[str, Any] = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if world.lead:  # the other ranks' `full` is empty: cpu_offload gathers to rank 0 only
         dtype = getattr(torch, save_dtype)
         export = {k: v.detach().to(dtype).contiguous() for k, v in full.items()}
@@ -271,19 +285,23 @@ def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:
     try:
         info = json.loads((ckpt / "trainer_state.json").read_text())
     except (ValueError, FileNotFoundError) as err:
-        raise RloptError(f"checkpoint {ckpt} is unreadable ({err}); move it away to resume from the one before")
+        raise RloptError(
+            f"checkpoint {ckpt} is unreadable ({err}); move it away to resume from the one before"
+        ) from None
     if not is_dcp(ckpt):
         return load_single_process_state(ckpt, info, model, optimizer)
     with_optim = optimizer is not None and info.get("has_optimizer", False)
     if with_optim:
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, cast(Any, optimizer))
         state: dict[str, Any] = {"model": model_state, "optim": optim_state}
     else:
         state = {"model": get_model_state_dict(model)}
     state["rng"] = torch.get_rng_state()
     dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
     if with_optim:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            model, cast(Any, optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
     else:
         set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     torch.set_rng_state(state["rng"])
@@ -316,5 +334,6 @@ def load_single_process_state(ckpt: Path, info: dict[str, Any], model: Any, opti
             if "betas" in group:
                 group["betas"] = tuple(group["betas"])
             groups.append(group)
-        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups}, options=full)
+        full_optim: Any = {"state": state, "param_groups": groups}
+        set_optimizer_state_dict(model, optimizer, full_optim, options=full)
     return int(info["step"])
