@@ -33,7 +33,17 @@ from rlopt_cli.training.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-SHARDED = ["rollout.seed_scope='prompt'", "optimizer.name='adamw'", "optimizer.lr=1e-3", "train.steps=4"]
+# SGD with momentum: optimizer state that a resume must restore, and a step linear in the gradient. AdamW divides
+# by sqrt(v), which blows fp32 summation-order noise on near-zero gradient coordinates up to visible steps
+# (measured with AdamW lr 1e-3: grad norms 1.1e-5 apart by step 4).
+SHARDED = [
+    "rollout.seed_scope='prompt'",
+    "optimizer.momentum=0.9",
+    "grpo.micro_batch_size=4",  # one process: 2 micro-batches; two: one per rank
+    "grpo.num_iterations=2",  # the frozen log-prob pass of the sampling policy too
+    "train.steps=4",
+    "train.run_name=run",
+]
 EXACT = (
     "train/reward_mean",
     "train/reward_std",
@@ -69,16 +79,18 @@ def assert_same_run(one: Path, other: Path) -> None:
     assert x.keys() == y.keys()
     equal = sum(int((x[k].view(torch.int16) == y[k].view(torch.int16)).sum()) for k in x)
     assert equal / sum(v.numel() for v in x.values()) > 0.999
-    assert json.loads((other / "summary.json").read_text())["steps"] == 4
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (one, other)]
+    for key in ("steps", "n_params", "state_bytes", "state_bytes_by_key", "final_accuracy"):
+        assert summaries[0][key] == summaries[1][key], key  # the whole run's optimizer state, not a shard's
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_and_resume_on_any_count(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    cfg = load_config(None, [*tiny_overrides, *SHARDED, "train.run_name=run"])
+    overrides = [*tiny_overrides, *SHARDED]
+    cfg = load_config(None, overrides)
     one = trainer.train(cfg, tmp_path / "one", quiet)  # also warms the session's cache for the ranks
-    overrides = [*tiny_overrides, *SHARDED, "train.run_name=run"]
 
-    killed = launch(overrides, tmp_path / "two", 2, kill_at="step-3")
+    killed = launch(overrides, tmp_path / "two", 2, kill_at="step-3")  # both ranks, after step 3 is logged
     assert killed.returncode != 0
     two = tmp_path / "two" / "run"
     assert not (two / "summary.json").exists()
@@ -87,14 +99,19 @@ def test_two_processes_equal_one_and_resume_on_any_count(tmp_path: Path, tiny_ov
     assert state["format"] == "dcp" and state["world_size"] == 2
     assert len(list((ckpt / "trainer_state").glob("*.distcp"))) == 2  # one shard file per rank
     shutil.copytree(tmp_path / "two", tmp_path / "two-then-one")
+    shutil.copytree(tmp_path / "one", tmp_path / "one-then-two")  # as if killed after its step-2 checkpoint
+    (tmp_path / "one-then-two/run/summary.json").unlink()
+    shutil.rmtree(tmp_path / "one-then-two/run/checkpoints/step-000004")
 
-    resumed = launch(overrides, tmp_path / "two", 2)
+    resumed = launch(overrides, tmp_path / "two", 2)  # 2 processes from DCP shards
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(one, two)
     assert json.loads((two / "meta.json").read_text())["world_size"] == 2
-
-    # the same killed run resumed in one process: DCP reads the 2-process shards into a whole model
+    # 1 process from the 2 processes' DCP shards, and 2 processes from a 1-process checkpoint
     assert_same_run(one, trainer.train(cfg, tmp_path / "two-then-one", quiet))
+    resumed = launch(overrides, tmp_path / "one-then-two", 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(one, tmp_path / "one-then-two/run")
 
     from transformers import AutoModelForCausalLM
 

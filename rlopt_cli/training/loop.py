@@ -223,8 +223,11 @@ def run_training(
 
     metrics_file.close()
     ulp = reference.ulp_ratios(weights)
+    held = optimizer_metrics(optimizer, world)  # sharded: every rank's shards of the optimizer state
     if world.lead:
         summary = summarize(run_dir, cfg, parameter_count(model), optimizer, ulp)
+        if world.sharded:
+            summary |= sharding.summary_state_bytes(held, summary["n_params"])
         sink.finish(summary)
         update_meta(run_dir, finished=True)
         atomic_write_json(run_dir / "summary.json", summary)

@@ -164,6 +164,14 @@ class NullMetrics:
         pass
 
 
+def summary_state_bytes(held: dict[str, float], n_params: int) -> dict[str, Any]:
+    """summary.json's optimizer-state fields from the summed `optim/state_bytes*` metrics of a sharded run
+    (run_folder.summarize counts rank 0's shards only)."""
+    total = int(held["optim/state_bytes"])
+    by_key = {k.split("/", 2)[2]: int(v) for k, v in held.items() if k.startswith("optim/state_bytes/")}
+    return {"state_bytes": total, "state_bytes_by_key": by_key, "state_bytes_per_param": total / n_params}
+
+
 def evaluate_split(backend: Backend, tokenizer: Any, task: Task, cfg: RunConfig, world: World) -> float:
     """Greedy accuracy on the eval split, each rank decoding its contiguous share and the correct counts summed.
 
