@@ -41,6 +41,7 @@ def train(
         "log.wandb": wandb,
     }
     cfg = load_config(recipe, overrides, flags)
+    pin_cpu_kernels(cfg.train.cpu_isa)  # before torch loads, here and (inherited) in the ranks
     if nproc != 1:  # this process launches the ranks, which run this same command without --nproc
         from rlopt_cli.errors import RloptError
         from rlopt_cli.runtime.distributed import launch
@@ -49,6 +50,13 @@ def train(
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RloptError("--nproc launches torchrun itself; under torchrun, drop --nproc")
         check_sharded(cfg, nproc)  # every one-line error before any process starts
+        # What the ranks would otherwise all do at once: fetch an asset model, warm up the embedded model.
+        from rlopt_cli.models.assets import resolve_model_path
+        from rlopt_cli.training.loop import train as run_training
+        from rlopt_cli.training.warmup import warm_start
+
+        resolve_model_path(cfg.model.name_or_path, say)
+        warm_start(cfg, run_training, say)
         values = [("--optimizer", optimizer), ("--lr", lr), ("--seed", seed), ("--steps", steps)]
         argv = ["train", *(["--recipe", str(recipe)] if recipe else [])]
         argv += [
@@ -62,7 +70,6 @@ def train(
                 f"a rank of the {nproc}-process run failed (torchrun exit {code}); see its error above"
             )
         return
-    pin_cpu_kernels(cfg.train.cpu_isa)
 
     import json
 

@@ -206,7 +206,7 @@ def run_training(
             row["time/step_s"] = time.perf_counter() - t0
             if (probed := row.pop("probe", None)) is not None:
                 row |= write_probe(run_dir, step, probed)
-            row |= optimizer_metrics(optimizer, world)
+            row |= optimizer_metrics(optimizer)
             if due(step, cfg.train.eval_every, cfg.train.steps):
                 t_eval = time.perf_counter()
                 row |= run_eval()
@@ -223,11 +223,8 @@ def run_training(
 
     metrics_file.close()
     ulp = reference.ulp_ratios(weights)
-    held = optimizer_metrics(optimizer, world)  # sharded: every rank's shards of the optimizer state
     if world.lead:
         summary = summarize(run_dir, cfg, parameter_count(model), optimizer, ulp)
-        if world.sharded:
-            summary |= sharding.summary_state_bytes(held, summary["n_params"])
         sink.finish(summary)
         update_meta(run_dir, finished=True)
         atomic_write_json(run_dir / "summary.json", summary)
@@ -476,10 +473,8 @@ def clip_and_step(model: Any, optimizer: Any, max_norm: float, probe: bool = Fal
     return float(norm), snapshot.after_step() if snapshot else None
 
 
-def optimizer_metrics(optimizer: Any, world: World = World()) -> dict[str, float]:
-    held = state_bytes(optimizer)
-    if world.sharded:  # each rank holds its shards' state: the run holds the sum
-        held = dict(zip(held, map(int, world.sum([float(v) for v in held.values()])), strict=True))
+def optimizer_metrics(optimizer: Any) -> dict[str, float]:
+    held = state_bytes(optimizer)  # sharded: DTensor state counts at its global size, the whole run's
     row = {"optim/lr": optimizer.param_groups[0]["lr"], "optim/state_bytes": float(held.pop("total"))}
     row |= {f"optim/state_bytes/{k}": float(v) for k, v in held.items()}
     return row

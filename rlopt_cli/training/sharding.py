@@ -17,6 +17,7 @@ How a sharded run stays the single-process run (rlopt_cli/training/loop.py):
 Deliberate simplifications (refused with a one-line error, `check_sharded`): GRPO only (no SFT), hf rollouts
 only, no KL reference model (beta = 0), no probe, no update-norm logging. Evaluation is split by rank and the
 correct counts summed. The in-training update sparsity gathers one full parameter at a time on every rank.
+`optim/state_bytes` needs nothing: a DTensor's numel is its global size, so every rank counts the whole run's.
 """
 
 from __future__ import annotations
@@ -162,14 +163,6 @@ class NullMetrics:
 
     def close(self) -> None:
         pass
-
-
-def summary_state_bytes(held: dict[str, float], n_params: int) -> dict[str, Any]:
-    """summary.json's optimizer-state fields from the summed `optim/state_bytes*` metrics of a sharded run
-    (run_folder.summarize counts rank 0's shards only)."""
-    total = int(held["optim/state_bytes"])
-    by_key = {k.split("/", 2)[2]: int(v) for k, v in held.items() if k.startswith("optim/state_bytes/")}
-    return {"state_bytes": total, "state_bytes_by_key": by_key, "state_bytes_per_param": total / n_params}
 
 
 def evaluate_split(backend: Backend, tokenizer: Any, task: Task, cfg: RunConfig, world: World) -> float:
