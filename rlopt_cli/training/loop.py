@@ -41,7 +41,6 @@ from rlopt_cli.models.loading import (
     render_prompts,
 )
 from rlopt_cli.rollout import Backend, make_backend
-from rlopt_cli.rollout.hf import HFBackend
 from rlopt_cli.runtime import cpu_kernels
 from rlopt_cli.runtime.atomic_files import atomic_write_json
 from rlopt_cli.runtime.devices import autocast, peak_memory_bytes, resolve_device
@@ -134,7 +133,7 @@ def run_training(
     backend = make_backend(cfg.rollout.backend, model, tokenizer, cfg)
     save = save_checkpoint
     if world.sharded:  # the sampler's ranks vote on when every row has finished; checkpoints go through DCP
-        backend = HFBackend(model, tokenizer, world.all_true)
+        backend = sharding.ShardedHFBackend(model, tokenizer, world.all_true)
         save = partial(sharding.save_checkpoint, world=world)
     save_dtype = getattr(torch, cfg.train.save_dtype)
     config_toml = to_toml(cfg)

@@ -36,6 +36,7 @@ from rlopt_cli.config.schema import RunConfig
 from rlopt_cli.errors import RloptError
 from rlopt_cli.models.loading import mark_saved_dtype, render_prompts
 from rlopt_cli.rollout import Backend, Rollout
+from rlopt_cli.rollout.hf import HFBackend
 from rlopt_cli.runtime.distributed import World
 from rlopt_cli.runtime.kill_points import kill_point
 from rlopt_cli.tasks import Task
@@ -140,6 +141,25 @@ def clip_grad_norm(model: Any, max_norm: float) -> torch.Tensor:
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+
+class ShardedHFBackend(HFBackend):
+    """The hf sampler on a sharded model: each FSDP unit all-gathers its weights at the call's first forward
+    and keeps them until the call ends, instead of once per generated token (FSDP's own advice for evals:
+    `set_reshard_after_forward(False)`); they are resharded before training. Peak memory per rank during
+    sampling is then the whole model's, as in one process. `agree` is the all-ranks-finished vote."""
+
+    def generate(self, *args: Any, **kwargs: Any) -> Rollout:
+        self.model.set_reshard_after_forward(False)
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            from torch.distributed.fsdp import FSDPModule
+
+            self.model.set_reshard_after_forward(True)
+            for module in self.model.modules():  # `reshard` is per unit, not recursive
+                if isinstance(module, FSDPModule):
+                    module.reshard()
 
 
 class Gathered:
@@ -252,7 +272,7 @@ def save_checkpoint(
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
     state["rng"] = torch.get_rng_state()
-    dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
+    dcp.save(state, checkpoint_id=str(tmp / DCP_DIR), no_dist=not world.sharded)
     if world.lead:
         info = {"step": step, "save_dtype": save_dtype, "format": "dcp", "world_size": world.size}
         info["has_optimizer"] = optimizer is not None
@@ -298,7 +318,10 @@ def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:
     else:
         state = {"model": get_model_state_dict(model)}
     state["rng"] = torch.get_rng_state()
-    dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
+    import torch.distributed as dist
+
+    # one process (no process group): DCP reads every rank's shards itself
+    dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not dist.is_initialized())
     if with_optim:
         set_state_dict(
             model, cast(Any, optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"]
