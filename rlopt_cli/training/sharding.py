@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -320,8 +321,11 @@ def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:
     state["rng"] = torch.get_rng_state()
     import torch.distributed as dist
 
-    # one process (no process group): DCP reads every rank's shards itself
-    dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not dist.is_initialized())
+    with (
+        warnings.catch_warnings()
+    ):  # one process (no process group): DCP reads every rank's shards, and says so
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not dist.is_initialized())
     if with_optim:
         set_state_dict(
             model, cast(Any, optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"]
