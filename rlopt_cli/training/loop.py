@@ -90,9 +90,8 @@ def train(
         make_folder(run_dir)
     try:
         with FolderLock(run_dir, "run") if world.lead else nullcontext():  # rank 0 holds it for the run
-            if inspect_run(
-                run_dir, cfg
-            ).finished:  # again, under the lock: another process may have finished it
+            # again, under the lock: another process may have finished it
+            if inspect_run(run_dir, cfg).finished:
                 say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
             else:
                 run_training(cfg, run_dir, device, task, say, world)
@@ -116,9 +115,8 @@ def run_training(
     if not world.lead:
         warm = warm_start(cfg, warm_up, say)
     model, tokenizer = load_policy(cfg, device, warm)
-    state = (
-        claim_run(run_dir, cfg) if world.lead else None
-    )  # only now: a model that fails to load claims nothing
+    # only now: a model that fails to load claims nothing; rank 0 claims, the others read what it claimed
+    state = claim_run(run_dir, cfg) if world.lead else None
     world.barrier()
     state = state or inspect_run(run_dir, cfg)
     kill_point("startup")
@@ -267,9 +265,8 @@ def grpo_step(
     own_rows = slice(share.start * g.num_generations, share.stop * g.num_generations)  # this rank's rows
     local_rewards = torch.tensor(task.rewards(rollout.texts, repeated), dtype=torch.float32)  # [b]
     rewards = world.gather(local_rewards)  # [B]
-    advantages = grpo.group_advantages(rewards, g.num_generations, g.scale_rewards)[own_rows].to(
-        device
-    )  # [b]
+    advantages = grpo.group_advantages(rewards, g.num_generations, g.scale_rewards)  # [B]
+    advantages = advantages[own_rows].to(device)  # [b]
     if world.sharded:  # every rank forwards prompts of one width, so the log-prob passes agree on shapes
         rollout = sharding.pad_prompts(rollout, world, tokenizer.pad_token_id)
     mask = rollout.completion_mask  # [b, L]
