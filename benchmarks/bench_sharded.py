@@ -2,9 +2,10 @@
 
 The same run (a 4-layer, width-256 embedded model, ~4.2M parameters, `rollout.seed_scope = "prompt"`) as one
 process and as `rlopt train --nproc 2`, each process on one intra-op thread (OMP_NUM_THREADS=1), so the two
-processes have twice the cores of the one. Measured: the median `time/step_s` over the steps after the first two
-(rank 0's clock), and the ratio 2-process / 1-process. The completions are the same on both sides by
-construction (checked here: the logged rewards and lengths agree), so the ratio compares the same work.
+processes have twice the cores of the one. Measured: the median `time/step_s` over the steps after the first
+two (rank 0's clock), and the ratio 2-process / 1-process, every row forwarded on both sides. The completions
+are the same on both sides by construction (checked here: the logged rewards and lengths agree), so the ratio
+compares the same work.
 
 On CPU the collectives are gloo over loopback and every forward all-gathers every block (FSDP2 keeps no
 unsharded copy between forwards, and sampling forwards once per token), so a small model is communication
@@ -37,6 +38,9 @@ BIG = [
     "train.checkpoint_every=0",
     "log.progress=false",
     "rollout.seed_scope='prompt'",
+    # a random model scores 0 everywhere: one process would skip every group's forward/backward, which a
+    # sharded run cannot (its forwards are collective), so both sides forward every row
+    "grpo.skip_zero_advantage=false",
 ]
 
 
