@@ -78,6 +78,13 @@ def test_parse_override(item: str, expected: tuple) -> None:
         (["train.steps=1.5"], {}, "train.steps must be an integer"),
         (["grpo.num_generations=1", "grpo.batch_size=4"], {}, "must be >= 2"),
         (["badformat"], {}, "must look like section.key=value"),
+        (
+            ["grpo.sampler_correction=token_truncate"],
+            {},
+            "set rollout.backend=vllm or grpo.sampler_correction=none",
+        ),
+        (["grpo.sampler_correction=tis"], {}, "grpo.sampler_correction"),
+        (["grpo.sampler_correction_max=0.5"], {}, "must be > 1"),
     ],
 )
 def test_bad_config_is_one_line_error(overrides: list[str], flags: dict, message: str) -> None:

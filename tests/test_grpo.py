@@ -272,3 +272,24 @@ def test_a_micro_batch_is_trimmed_to_its_own_longest_row(group_size: int) -> Non
     assert torch.allclose(got, want, atol=1e-5)
     for a, b in zip(grads, want_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_sampler_weights_truncate_or_mask_the_trainer_to_engine_ratio() -> None:
+    """pi_trainer / pi_sampler per token (or per completion, the product), capped or cut at the bound as TRL's
+    vllm_importance_sampling modes; tokens past the mask weigh 1."""
+    trainer = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))  # [2, 3]
+    sampler = torch.log(torch.tensor([[0.25, 0.5, 0.9], [0.1, 0.5, 0.5]]))  # ratios 2, 1, 5/9 | 5, 1, 1
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    w = grpo.sampler_weights(trainer, sampler, mask, "token_truncate", 3.0)
+    assert torch.allclose(w, torch.tensor([[2.0, 1.0, 5 / 9], [3.0, 1.0, 1.0]]))
+    w = grpo.sampler_weights(trainer, sampler, mask, "token_mask", 3.0)
+    assert torch.allclose(w, torch.tensor([[2.0, 1.0, 5 / 9], [0.0, 1.0, 1.0]]))
+    w = grpo.sampler_weights(
+        trainer, sampler, mask, "sequence_truncate", 3.0
+    )  # rows: 2 * 5/9 = 10/9 | 5 -> 3
+    assert torch.allclose(w, torch.tensor([[10 / 9] * 3, [3.0] * 3]))
+    w = grpo.sampler_weights(trainer, sampler, mask, "sequence_mask", 3.0)
+    assert torch.allclose(w, torch.tensor([[10 / 9] * 3, [0.0] * 3]))
+    assert not grpo.sampler_weights(
+        trainer.requires_grad_(), sampler, mask, "token_truncate", 3.0
+    ).requires_grad

@@ -66,3 +66,34 @@ def test_rlopt_plan_prints_both_optimizers_and_refuses_bad_input() -> None:
     assert bad.exit_code == 2 and "h100-80gb" in bad.output
     unknown = runner.invoke(app, ["plan", PAPER.format("sgd"), "--set", "model.name_or_path=org/Mystery-9B"])
     assert unknown.exit_code == 2 and "known" in unknown.output
+
+
+def test_sharding_splits_the_states_and_adds_fsdps_buffers() -> None:
+    cfg = load_config(PAPER.format("adamw"), ["model.name_or_path=Qwen/Qwen3-8B"])
+    shape = resolve_shape(cfg.model.name_or_path)
+    one, four = (plan(cfg, shape, "adamw", GPUS["h100-80gb"], 512, n) for n in (1, 4))
+    for key in ("weights (fp32 master)", "gradients (fp32)", "optimizer state", "reference model"):
+        assert four.items[key] == pytest.approx(one.items[key] / 4, rel=1e-6)  # shards, padded to equal sizes
+    for key in (
+        "activations",
+        "log-prob pass",
+        "vLLM weights",
+    ):  # per rank: its own micro-batch, its own engine
+        assert four.items[key] == one.items[key]
+    assert one.items["FSDP gathered + unreduced"] == 0
+    # the gathered embedding (bf16) and two blocks, and the embedding's unreduced fp32 gradient
+    embedding = shape.vocab * shape.hidden
+    assert four.items["FSDP gathered + unreduced"] > 6 * embedding
+    assert not one.fits and four.fits  # the 8B setting needs several cards; 4 hold it with AdamW
+
+
+def test_rlopt_plan_shards_and_tabulates_gpu_counts() -> None:
+    result = runner.invoke(app, ["plan", PAPER.format("adamw"), "--nproc", "4"])
+    assert result.exit_code == 0, result.output
+    assert "sharded over 4 GPUs" in result.output and "FSDP gathered + unreduced" in result.output
+    rows = [line.split() for line in result.output.splitlines() if line.strip().startswith("N = ")]
+    assert [r[2] for r in rows] == ["1", "2", "4", "8"]
+    peaks = [float(r[3].rstrip("*")) for r in rows]  # SGD's per-GPU peak falls as N grows
+    assert peaks == sorted(peaks, reverse=True)
+    bad = runner.invoke(app, ["plan", PAPER.format("sgd"), "--nproc", "0"])
+    assert bad.exit_code == 2 and "--nproc 0 must be >= 1" in bad.output

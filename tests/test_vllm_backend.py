@@ -54,6 +54,7 @@ SMOLLM2_OVERRIDES = [
     "rollout.vllm_dtype=float32",
     "optimizer.name=adamw",
     "optimizer.lr=1e-5",  # rewards are forced (first completion of each group wins), so every step has a gradient
+    "grpo.sampler_correction=token_truncate",  # TRL's default correction path, on the engine's own log-probs
 ]
 PROMPT, COMPLETION = "12+34=", "46"  # the fixed completion whose log-probs engine and trainer must agree on
 
@@ -229,6 +230,8 @@ def test_engine_follows_the_trainer_on_smollm2_through_its_chat_template(tmp_pat
     for r in rows[1:]:  # forced rewards: every group has one winner, so every step has a gradient
         assert r["train/reward_mean"] == 0.5 and r["train/frac_reward_zero_std"] == 0
         assert 0 < r["train/grad_norm"] < 1e3 and r["train/completion_len"] > 0
+        # the engine's log-probs of its own samples against the trainer's: the same bound as the fixed completion's
+        assert 0 <= r["train/sampler_logp_gap"] <= r["train/sampler_logp_gap_max"] < atol
     assert 0.0 <= rows[2]["eval/accuracy"] <= 1.0
 
 
@@ -289,6 +292,45 @@ def test_sampling_layout_seeds_and_masks(engines: tuple[Any, Any, Any]) -> None:
         else:  # mask covers the tokens up to and including EOS; pad after it
             assert ids[length - 1] == eos and all(t == pad for t in ids[length:])
     assert rollout.truncated.any() and (~rollout.truncated).any()  # a random model does both
+
+
+def test_unseeded_requests_draw_from_the_engines_stream(engines: tuple[Any, Any, Any]) -> None:
+    """rollout.vllm_request_seeds = false: no request carries a seed, so the call's seed no longer fixes the draw
+    (one engine stream for the batch, vLLM's fast path); with seeds (the default) it does."""
+    vllm_backend, _, _ = engines
+    prompts = ["1+1=", "23+45="]
+    vllm_backend.request_seeds = False
+    try:
+        first = vllm_backend.generate(prompts, 16, 6, 1.0, seed=3)
+        second = vllm_backend.generate(prompts, 16, 6, 1.0, seed=3)
+    finally:
+        vllm_backend.request_seeds = True
+    assert not torch.equal(first.completion_ids, second.completion_ids)
+    seeded = [vllm_backend.generate(prompts, 16, 6, 1.0, seed=3).completion_ids for _ in range(2)]
+    assert torch.equal(seeded[0], seeded[1])
+
+
+def test_engine_returns_its_sampled_tokens_logprobs(engines: tuple[Any, Any, Any]) -> None:
+    """Each sampled token's log-prob after temperature, as the engine sampled it, equals the trainer's (fp32 both);
+    greedy decoding returns none."""
+    from rlopt_cli.algo.grpo import token_logprobs
+
+    vllm_backend, _, model = engines
+    rollout = vllm_backend.generate(["1+1=", "23+45="], 4, 6, 0.7, seed=5)
+    assert rollout.sampler_logps is not None and rollout.sampler_logps.shape == rollout.completion_ids.shape
+    live = rollout.completion_mask.bool()  # [N, L]
+    with torch.no_grad():
+        ours = token_logprobs(
+            model,
+            rollout.prompt_ids,
+            rollout.prompt_mask,
+            rollout.completion_ids,
+            rollout.completion_mask,
+            0.7,
+        )
+    assert torch.allclose(rollout.sampler_logps[live], ours[live], atol=1e-4)
+    assert (rollout.sampler_logps[~live] == 0).all() and (rollout.sampler_logps[live] < 0).any()
+    assert vllm_backend.generate(["1+1="], 2, 6, 0.0, seed=0).sampler_logps is None
 
 
 def test_sync_weights_updates_the_engine(engines: tuple[Any, Any, Any]) -> None:

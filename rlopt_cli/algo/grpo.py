@@ -293,6 +293,27 @@ def per_token_loss(
     return TokenLoss(loss, kl, is_clipped)
 
 
+def sampler_weights(
+    trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, mode: str, bound: float
+) -> torch.Tensor:
+    """Per-token weights [N, L] that correct the loss for sampling from the engine's numbers, not the trainer's.
+
+    The ratio is pi_trainer / pi_sampler of each sampled token (the trainer's log-probs before the update, so
+    detached), or one ratio per completion, the product over its tokens. truncate: ratios above `bound` are
+    capped (truncated importance sampling); mask: tokens (completions) whose ratio exceeds `bound` weigh 0, as
+    TRL's *_mask modes with no lower bound. Weights past the mask do not matter: their loss is masked."""
+    live = mask.bool()  # [N, L]
+    diff = (trainer_logps.detach() - sampler_logps).masked_fill(~live, 0.0)  # [N, L]
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True).expand_as(diff)  # [N, L]: each row's log-ratio on every token
+    ratio = torch.exp(diff)  # [N, L]
+    if mode.endswith("truncate"):
+        return ratio.clamp(max=bound)
+    if mode.endswith("mask"):
+        return ratio.masked_fill(ratio > bound, 0.0)
+    raise ValueError(f"unknown sampler correction {mode!r}")
+
+
 def aggregate(
     token_loss: torch.Tensor,
     mask: torch.Tensor,

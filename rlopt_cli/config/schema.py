@@ -16,6 +16,7 @@ from rlopt_cli.errors import RloptError, close_matches
 from rlopt_cli.runtime.cpu_kernels import CPU_ISAS
 
 OBJECTIVES = ("grpo", "sft")
+SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 PRECISIONS = ("fp32", "bf16-autocast")
@@ -179,6 +180,15 @@ class GRPOConfig:
     """Positions per chunk of the log-prob pass (lm_head, log_softmax, gather; rlopt_cli/algo/lm_head.py), each
     recomputed in backward: the pass holds ~4 x this x vocab fp32 floats (1.2 GB at Qwen3's 151,936) instead of a
     micro-batch's whole fp32 logits (15 GB at 8 x 3,072 tokens). Same numbers. 0: all positions at once."""
+    sampler_correction: str = "none"
+    """Correct the loss for the rollout engine sampling from other numbers than the trainer's (vLLM: bf16, other
+    kernels), by the ratio pi_trainer / pi_sampler of the sampled tokens (TRL's vllm_importance_sampling_*):
+    token_truncate (each token's ratio capped at sampler_correction_max, truncated IS), token_mask (tokens
+    whose ratio exceeds it drop out), sequence_truncate / sequence_mask (one ratio per completion, the product
+    of its tokens'). Needs an engine that returns its log-probs (vllm); the gap itself is logged
+    whenever it does (train/sampler_logp_gap). none: no correction (the hf backend samples with the trainer)."""
+    sampler_correction_max: float = 3.0
+    """The cap (truncate modes) or cut-off (mask modes) of the sampler correction's ratio; TRL's default."""
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -207,6 +217,11 @@ class GRPOConfig:
         _positive(self.pack_max_tokens, "grpo.pack_max_tokens", allow_zero=True)
         _positive(self.logprob_chunk_tokens, "grpo.logprob_chunk_tokens", allow_zero=True)
         _choice(self.ref_dtype, ("auto", "bfloat16", "float32", "float16"), "grpo.ref_dtype")
+        _choice(self.sampler_correction, SAMPLER_CORRECTIONS, "grpo.sampler_correction")
+        if not self.sampler_correction_max > 1:
+            raise RloptError(
+                f"grpo.sampler_correction_max = {self.sampler_correction_max} must be > 1 (a ratio cap; TRL uses 3)"
+            )
         _choice(self.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
         _choice(self.loss_type, LOSS_TYPES, "grpo.loss_type")
 
@@ -328,6 +343,13 @@ class RolloutConfig:
     makes vLLM check that one such sequence fits its KV cache). The paper recipes set prompt cap + completion."""
     vllm_max_num_seqs: int = 0
     """vllm: sequences decoded at once; 0 = vLLM's default. A batch of 1,024 completions fills it many times."""
+    vllm_max_num_batched_tokens: int = 0
+    """vllm: tokens one engine step may process (prefill chunks + decodes); 0 = vLLM's default for the device."""
+    vllm_request_seeds: bool = True
+    """vllm: give every prompt its own seed (its n samples seed + j), so a step's completions depend on the step
+    alone: a resumed run draws what an uninterrupted one would. The price: vLLM draws the noise of seeded requests
+    one request at a time (a Python loop per decoded token over up to max_num_seqs requests). false: one seeded
+    engine draws for the whole batch at once (faster on big batches; a resumed run then samples otherwise)."""
     seed_scope: str = "batch"
     """Sampling randomness of a training step: 'batch', one generator per step (the original runs); 'prompt',
     one per (seed, step, prompt, sample), so completions do not depend on the batch's split over processes
@@ -335,6 +357,7 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _choice(self.backend, ("hf", "vllm"), "rollout.backend")
+        _positive(self.vllm_max_num_batched_tokens, "rollout.vllm_max_num_batched_tokens", allow_zero=True)
         _positive(self.vllm_max_model_len, "rollout.vllm_max_model_len", allow_zero=True)
         _positive(self.vllm_max_num_seqs, "rollout.vllm_max_num_seqs", allow_zero=True)
         _choice(self.vllm_dtype, ("auto", "bfloat16", "float16", "float32"), "rollout.vllm_dtype")
@@ -388,6 +411,12 @@ class RunConfig:
             raise RloptError(
                 f"run name {self.run_name!r} must be a plain folder name (no '/', not starting with '.'); "
                 "set train.run_name=NAME (folders go under --out)"
+            )
+        if self.grpo.sampler_correction != "none" and self.rollout.backend != "vllm":
+            raise RloptError(
+                f"grpo.sampler_correction = {self.grpo.sampler_correction!r} corrects for a rollout engine's "
+                f"numbers, but rollout.backend = {self.rollout.backend!r} samples with the trainer's own model: "
+                "set rollout.backend=vllm or grpo.sampler_correction=none"
             )
 
     @property

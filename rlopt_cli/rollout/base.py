@@ -17,6 +17,9 @@ class Rollout:
     completion_mask: torch.Tensor  # [N, L] 1 on generated tokens up to and including EOS
     truncated: torch.Tensor  # [N] bool: hit max_new_tokens without EOS
     texts: list[str]  # decoded completions, EOS and padding removed
+    # [N, L] the engine's log-prob of each sampled token at the sampling temperature (0 past the mask), from
+    # engines that compute their own (vllm); None where the trainer's model sampled (hf)
+    sampler_logps: torch.Tensor | None = None
 
     def normal_tensors(self) -> Rollout:
         """Copies of tensors made under `torch.inference_mode`, which autograd may not save for backward."""
@@ -27,6 +30,7 @@ class Rollout:
             self.completion_mask.clone(),
             self.truncated.clone(),
             self.texts,
+            None if self.sampler_logps is None else self.sampler_logps.clone(),
         )
 
 

@@ -10,10 +10,13 @@ ids in the Rollout, unpadded ids to vLLM), sampling is plain temperature samplin
 generation_config.json defaults such as top_p or repetition penalties are ignored, so the sampler is the
 policy the trainer differentiates), a completion stops at the tokenizer's EOS, and each prompt gets its own
 seed (vLLM gives its n samples seed, seed+1, ...), so a seed fixes every completion. Temperature 0 is greedy.
+The engine also returns each sampled token's log-prob after temperature (`logprobs_mode="processed_logprobs"`,
+the distribution it sampled from), so the trainer can measure, and correct for, how far the engine's numbers
+(bf16, its own kernels) are from its own (`Rollout.sampler_logps`, grpo.sampler_correction).
 
-Simplifications: one engine per process (in-process vLLM cannot start a second); no tensor parallelism; the
-sampled tokens' log-probs are not returned (the trainer recomputes them); sleep mode (CUDA only) discards the
-engine's weights and KV cache after each generate and reloads the policy's weights before the next one.
+Simplifications: one engine per process (in-process vLLM cannot start a second); no tensor parallelism; sleep
+mode (CUDA only) discards the engine's weights and KV cache after each generate and reloads the policy's weights
+before the next one.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class VLLMBackend:
                 "pip install -e '.[vllm]' (or `make vllm`)"
             ) from None
         self._sampling_params = SamplingParams
+        self.request_seeds = cfg.rollout.vllm_request_seeds
         cuda = self.device.type == "cuda"
         gpu = {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization} if cuda else {}
         limits = {  # unset (0): vLLM's own defaults
@@ -91,6 +95,7 @@ class VLLMBackend:
             for key, value in (
                 ("max_model_len", cfg.rollout.vllm_max_model_len),
                 ("max_num_seqs", cfg.rollout.vllm_max_num_seqs),
+                ("max_num_batched_tokens", cfg.rollout.vllm_max_num_batched_tokens),
             )
             if value
         }
@@ -103,6 +108,7 @@ class VLLMBackend:
                 seed=cfg.train.seed,
                 enforce_eager=not cuda,  # no graph capture on CPU; CUDA graphs pay off on a GPU
                 generation_config="vllm",  # ignore the model's sampling defaults: sample the policy as it is
+                logprobs_mode="processed_logprobs",  # sampled tokens' log-probs after temperature, as sampled
                 enable_sleep_mode=self.sleep_mode,
                 **gpu,
                 **limits,
@@ -126,8 +132,10 @@ class VLLMBackend:
                 n=1 if greedy else n,
                 temperature=temperature,
                 max_tokens=max_new_tokens,
-                seed=seed + i * n,  # child j of prompt i gets seed + i*n + j: every sample has its own stream
+                # child j of prompt i gets seed + i*n + j: every sample has its own stream
+                seed=seed + i * n if self.request_seeds else None,
                 stop_token_ids=[self.tokenizer.eos_token_id],
+                logprobs=None if greedy else 0,  # 0: the sampled token's log-prob only
             )
             for i in range(len(prompts))
         ]
@@ -180,10 +188,15 @@ def to_rollout(
     width = max(1, max(len(s.token_ids) for s in samples))
     completion_ids = torch.full((len(samples), width), pad, dtype=torch.long)  # [N, L] right-padded
     completion_mask = torch.zeros((len(samples), width), dtype=torch.int)  # [N, L]
+    scored = all(s.logprobs is not None for s in samples)
+    sampler_logps = torch.zeros((len(samples), width), dtype=torch.float32)  # [N, L]
     for row, sample in enumerate(samples):
         ids = list(sample.token_ids)  # ends with EOS when the sample stopped on it
         completion_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         completion_mask[row, : len(ids)] = 1
+        if scored:
+            logps = [sample.logprobs[j][tok].logprob for j, tok in enumerate(ids)]
+            sampler_logps[row, : len(ids)] = torch.tensor(logps, dtype=torch.float32)
     truncated = torch.tensor([s.finish_reason == "length" for s in samples])  # [N]
     texts = tokenizer.batch_decode(
         completion_ids.masked_fill(completion_ids == eos, pad), skip_special_tokens=True
@@ -195,4 +208,5 @@ def to_rollout(
         completion_mask=completion_mask.to(device),
         truncated=truncated.to(device),
         texts=texts,
+        sampler_logps=sampler_logps.to(device) if scored else None,
     )

@@ -319,6 +319,9 @@ def grpo_step(
     losses: list[float] = []
     kls: list[float] = []
     clips: list[float] = []
+    gaps: list[
+        torch.Tensor
+    ] = []  # |trainer - sampler| log-prob of each sampled token (engines that report it)
     grad_norms: list[float] = []
     probed = None
     before = weights_before_step(model) if cfg.log.update_norm else None
@@ -331,17 +334,30 @@ def grpo_step(
                     metric.append(0.0)
                 continue
             logps = logps_of(model, rows, i)
+            sampling = logps.detach() if old_logps is None else old_logps[i]  # [b, L] pi_old, the trainer's
             token = grpo.per_token_loss(
                 logps,
-                logps.detach() if old_logps is None else old_logps[i],
+                sampling,
                 None if ref_logps is None else ref_logps[i],
                 advantages[rows],
                 g.epsilon,
                 g.clip_high,
                 g.beta,
             )
+            token_loss = token.loss  # [b, L]
+            if rollout.sampler_logps is not None:
+                if iteration == 0:
+                    gaps.append((sampling - rollout.sampler_logps[rows]).abs()[mask[rows].bool()])
+                if g.sampler_correction != "none":
+                    token_loss = token_loss * grpo.sampler_weights(
+                        sampling,
+                        rollout.sampler_logps[rows],
+                        mask[rows],
+                        g.sampler_correction,
+                        g.sampler_correction_max,
+                    )
             loss = grpo.aggregate(
-                token.loss,
+                token_loss,
                 mask[rows],
                 g.loss_type,
                 num_sequences=g.batch_size,
@@ -366,6 +382,11 @@ def grpo_step(
 
     grouped = rewards.view(-1, g.num_generations)  # [B/G, G]
     measured = {} if before is None else {"train/update_norm": step_norm(model, before)}
+    if gaps and (gap := torch.cat(gaps)).numel():  # over the rows that carried a gradient
+        measured |= {
+            "train/sampler_logp_gap": float(gap.mean()),
+            "train/sampler_logp_gap_max": float(gap.max()),
+        }
     # sums over every rank's micro-batches (one process: these very sums)
     loss_sum, kl_sum, clip_sum, micro_count = world.sum([sum(losses), sum(kls), sum(clips), len(kls)])
     lengths = world.gather(rollout.completion_mask.sum(1))  # [B]

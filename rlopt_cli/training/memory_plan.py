@@ -14,6 +14,14 @@ The run's phases and what each holds on the device:
 With `rollout.vllm_sleep_mode` the engine frees its share while the trainer steps; without it the share is
 held throughout. A fixed 1 GiB covers the CUDA context and allocator slack (an assumption, not measured here).
 
+Sharded over N processes (`rlopt train --nproc N`, FSDP2, one GPU each): the fp32 weights, gradients, optimizer
+state and reference are split N ways (`fully_shard` cuts every tensor along its first dimension); each rank forwards
+its own micro-batches, so activations and the log-prob pass are those of one micro-batch as before; FSDP adds the
+parameters it gathers (in the compute dtype: the embedding/lm_head unit and two decoder blocks, the one running and
+the one prefetched) and one unsharded fp32 gradient before its reduce-scatter (the embedding's, or a block's); each
+rank's colocated vLLM engine holds the whole model. These FSDP terms follow FSDP2's documented behaviour and are
+not measured here (no GPU; the CPU tests run fp32 on two processes).
+
 Simplifications: prompts are assumed `prompt_tokens` long (recipes do not bound them); attention is assumed to
 use a memory-efficient kernel (no tokens^2 term: true of sdpa on CUDA and of flash attention); vLLM's own
 activation reserve is a fixed 1.5 GiB; bf16-autocast byte counts follow the same accounting with bf16 linear
@@ -199,10 +207,22 @@ class Plan:
         return self.peak <= self.card and self.vllm_kv_tokens >= self.sequence_tokens
 
 
-def plan(cfg: Any, shape: Shape, optimizer: str, card: int, prompt_tokens: int) -> Plan:
+def fsdp_buffers(shape: Shape, compute_size: int) -> int:
+    """What FSDP2 holds beyond the shards at its peak: gathered parameters in the compute dtype (the
+    embedding's unit, or lm_head's, and two decoder blocks: the one running and the one prefetched) and one
+    unsharded fp32 gradient awaiting its reduce-scatter (the embedding's is the largest)."""
+    block = (
+        shape.params - shape.vocab * shape.hidden * (1 if shape.tied else 2) - shape.hidden
+    ) // shape.layers
+    embedding = shape.vocab * shape.hidden
+    return compute_size * (embedding + 2 * block) + 4 * max(block, embedding)
+
+
+def plan(cfg: Any, shape: Shape, optimizer: str, card: int, prompt_tokens: int, world_size: int = 1) -> Plan:
     """The itemized estimate for `cfg` (a RunConfig) with `optimizer` ('sgd' or 'adamw', its recipe arguments
-    otherwise) on a card of `card` bytes."""
+    otherwise) on one of `world_size` cards of `card` bytes (FSDP2 over world_size > 1 processes)."""
     g, p = cfg.grpo, shape.params
+    shard = -(-p // world_size)  # parameters per rank: FSDP2 pads every tensor's shards to equal sizes
     compute = 2 if cfg.train.precision == "bf16-autocast" else 4
     rows, group, length = g.micro_batch_size or g.batch_size, g.num_generations, g.max_completion_length
     grouped = g.share_prompt_forward and rows % group == 0
@@ -223,11 +243,12 @@ def plan(cfg: Any, shape: Shape, optimizer: str, card: int, prompt_tokens: int) 
     vllm_share = int(cfg.rollout.gpu_memory_utilization * card) if cfg.rollout.backend == "vllm" else 0
     vllm_size = 4 if cfg.rollout.vllm_dtype == "float32" else 2
     items = {
-        "weights (fp32 master)": 4 * p,
-        "gradients (fp32)": 4 * p,
-        "optimizer state": expected_state_bytes_per_param(optimizer, extra) * p,
-        "optimizer step temporary": 0 if optimizer == "sgd" else 4 * largest,
-        "reference model": ref_size * p if g.beta > 0 else 0,
+        "weights (fp32 master)": 4 * shard,
+        "gradients (fp32)": 4 * shard,
+        "optimizer state": expected_state_bytes_per_param(optimizer, extra) * shard,
+        "optimizer step temporary": 0 if optimizer == "sgd" else 4 * -(-largest // world_size),
+        "reference model": ref_size * shard if g.beta > 0 else 0,
+        "FSDP gathered + unreduced": fsdp_buffers(shape, compute) if world_size > 1 else 0,
         "activations": kept + transient,
         "log-prob pass": logprob_pass_bytes(shape, rows * length, g.logprob_chunk_tokens, compute),
         "vLLM weights": vllm_size * p if vllm_share else 0,
@@ -243,6 +264,7 @@ def plan(cfg: Any, shape: Shape, optimizer: str, card: int, prompt_tokens: int) 
         "training": base
         + items["gradients (fp32)"]
         + resident_ref
+        + items["FSDP gathered + unreduced"]
         + micro_batch_peak(shape, kept, transient, items["log-prob pass"])
         + engine,
         "optimizer step": base
@@ -250,7 +272,7 @@ def plan(cfg: Any, shape: Shape, optimizer: str, card: int, prompt_tokens: int) 
         + items["optimizer step temporary"]
         + resident_ref
         + engine,
-        "reference pass": base + items["reference model"] + engine,
+        "reference pass": base + items["reference model"] + items["FSDP gathered + unreduced"] + engine,
         "rollout": base + resident_ref + vllm_share,
     }
     kv_tokens_held = items["vLLM KV cache"] // shape.kv_bytes_per_token(vllm_size) if vllm_share else 0
