@@ -278,11 +278,16 @@ def grpo_step(
     num_tokens = int(world.sum([float(mask.sum())])[0])
     # Rows that carry a gradient. With beta = 0, a group whose completions all scored alike has zero advantage:
     # its loss and gradient are exactly zero, so its forward/backward is skipped (its tokens still count in the
-    # loss normalisers). Groups go whole, so the prompt forward is still shared within each group. Sharded, every
-    # rank forwards every row: FSDP's forwards are collective, so the ranks must run the same passes.
+    # loss normalisers). Groups go whole, so the prompt forward is still shared within each group.
     carries = advantages.view(-1, g.num_generations).ne(0).any(1).repeat_interleave(g.num_generations)  # [b]
-    if g.beta > 0 or not g.skip_zero_advantage or world.sharded:
+    if g.beta > 0 or not g.skip_zero_advantage:
         carries = torch.ones_like(carries)
+    elif (
+        world.sharded
+    ):  # FSDP's forwards are collective: ranks skip a micro-batch together, or forward it whole
+        for s in slices:
+            if not world.all_true(not bool(carries[s].any())):
+                carries[s] = True
     batches = [torch.arange(s.start, s.stop, device=device)[carries[s]] for s in slices]  # row indices [b]
     # Whole groups per micro-batch: each prompt is forwarded once for its G completions (grpo.token_logprobs).
     group_size = g.num_generations if g.share_prompt_forward and micro % g.num_generations == 0 else 1

@@ -11,8 +11,8 @@ How a sharded run stays the single-process run (rlopt_cli/training/loop.py):
   so the gradient is the one-process gradient up to float summation order;
 - under FSDP every forward all-gathers: ranks must run the same forwards, so the sampler runs until every
   rank's rows finished (`World.all_true`), the log-prob pass trims each micro-batch to columns agreed by all
-  ranks (same route, same chunking everywhere), and every row is forwarded (no skipping of zero-advantage
-  groups: which groups skip differs by rank).
+  ranks (same route, same chunking everywhere), and a micro-batch whose groups all have zero advantage is
+  skipped only when it is so on every rank (else the rank forwards it whole: zero-advantage rows add exactly 0).
 
 Deliberate simplifications (refused with a one-line error, `check_sharded`): GRPO only (no SFT), hf rollouts
 only, no KL reference model (beta = 0), no probe, no update-norm logging. Evaluation is split by rank and the
