@@ -23,6 +23,7 @@ BENCHMARKS = [
     "bench_sparsity",
     "bench_walltime",
     "bench_cpu_isa",
+    "bench_sharded",
 ]
 
 

@@ -50,6 +50,7 @@ def token_logprobs(
     group_size: int = 1,
     pack_max_tokens: int = 0,
     chunk_tokens: int = 0,
+    columns: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """log p(completion token | prefix) under `model`, batched: [N, L].
 
@@ -64,10 +65,12 @@ def token_logprobs(
     micro-batch's [tokens, vocab] logits. The batch is first trimmed to its own longest row (`trim`); columns
     past it score 0. Every route gives the log-probs and gradients of one plain forward over every row's P + L
     tokens, with gradient checkpointing on or off (tests/test_real_archs.py: tiny Llama, Qwen2 and Qwen3).
+    `columns` overrides the trim's (first prompt column, completion columns): a sharded run agrees them over
+    all ranks, so every rank forwards the same shapes (training/sharding.py).
     """
     full_length = completion_ids.shape[1]
     prompt_ids, prompt_mask, completion_ids, completion_mask = trim(
-        prompt_ids, prompt_mask, completion_ids, completion_mask
+        prompt_ids, prompt_mask, completion_ids, completion_mask, columns
     )
     attention = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, P+L]
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [N, P+L]: left padding shifts positions
@@ -152,16 +155,23 @@ def trim(
     prompt_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
+    columns: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The batch without the columns that are padding in every row: the prompts' shared left padding, the
     completions' shared right padding (at least one completion column stays). A micro-batch then costs its own
     longest row, not the longest of the whole rollout. The tokens kept keep their positions (counted from the
     first real token), and no real token ever attended to a padding column, so the numbers do not change."""
+    first, last = trim_columns(prompt_mask, completion_mask) if columns is None else columns
+    return prompt_ids[:, first:], prompt_mask[:, first:], completion_ids[:, :last], completion_mask[:, :last]
+
+
+def trim_columns(prompt_mask: torch.Tensor, completion_mask: torch.Tensor) -> tuple[int, int]:
+    """`trim`'s cut: (first prompt column with a real token, completion columns up to the last real one)."""
     real_prompt = prompt_mask.bool().any(0)  # [P]
     first = int(real_prompt.nonzero()[0]) if real_prompt.any() else 0
     real_completion = completion_mask.bool().any(0)  # [L]
     last = int(real_completion.nonzero()[-1]) + 1 if real_completion.any() else 1
-    return prompt_ids[:, first:], prompt_mask[:, first:], completion_ids[:, :last], completion_mask[:, :last]
+    return first, last
 
 
 def check_groups(prompt_ids: torch.Tensor, group_size: int) -> None:

@@ -406,6 +406,10 @@ class RolloutConfig:
     alone: a resumed run draws what an uninterrupted one would. The price: vLLM draws the noise of seeded requests
     one request at a time (a Python loop per decoded token over up to max_num_seqs requests). false: one seeded
     engine draws for the whole batch at once (faster on big batches; a resumed run then samples otherwise)."""
+    seed_scope: str = "batch"
+    """Sampling randomness of a training step: 'batch', one generator per step (the original runs); 'prompt',
+    one per (seed, step, prompt, sample), so completions do not depend on the batch's split over processes
+    (hf backend; required by `rlopt train --nproc N` with N > 1)."""
 
     def __post_init__(self) -> None:
         _choice(self.backend, ("hf", "vllm"), "rollout.backend")
@@ -414,6 +418,9 @@ class RolloutConfig:
         _positive(self.vllm_max_num_seqs, "rollout.vllm_max_num_seqs", allow_zero=True)
         _choice(self.vllm_dtype, ("auto", "bfloat16", "float16", "float32"), "rollout.vllm_dtype")
         _positive(self.eval_batch_size, "rollout.eval_batch_size")
+        _choice(self.seed_scope, ("batch", "prompt"), "rollout.seed_scope")
+        if self.seed_scope == "prompt" and self.backend != "hf":
+            raise RloptError("rollout.seed_scope = 'prompt' needs rollout.backend = 'hf'")
 
 
 @dataclass(frozen=True)

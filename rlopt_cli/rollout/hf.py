@@ -4,10 +4,17 @@ One prefill over the distinct left-padded prompts, then one batched forward per 
 prefixes of the rows still generating (samples of one prompt that drew the same tokens so far share a row and
 its KV cache until they differ); no per-sample Python loops. Sampling draws from an explicit
 `torch.Generator` seeded per call, so a seed fixes every completion. Temperature 0 means greedy.
+
+With `prompt_seeds` (rollout.seed_scope = "prompt") each prompt's completions draw from their own generator
+instead: its uniforms, pre-drawn [n, max_new_tokens] on the host, pick each token by inverse CDF, so a
+completion does not depend on which other prompts share the call (or the process, in a sharded run). Under
+FSDP every forward is collective: `agree` (all ranks finished?) keeps a rank whose rows all finished forwarding
+a one-token dummy until every rank's rows finished.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,8 +40,12 @@ def sample(
     temperature: float,
     generator: torch.Generator | None,
     templated: bool = False,
+    uniforms: torch.Tensor | None = None,
+    agree: Callable[[bool], bool] | None = None,
 ) -> Rollout:
-    """n completions of each prompt; `templated`: the prompts went through the chat template (`encode_prompts`)."""
+    """n completions of each prompt. `templated`: the prompts went through the chat template (`encode_prompts`);
+    `uniforms` [N, max_new_tokens]: each row's own draws (inverse-CDF sampling) instead of `generator`;
+    `agree(done)`: whether every rank is done (a sharded run), else this call's own `done`."""
     device = next(model.parameters()).device
     enc = encode_prompts(tokenizer, prompts, templated)
     prompt_ids = enc.input_ids.repeat_interleave(n, 0).to(device)  # [N, P]
@@ -69,15 +80,22 @@ def sample(
         logits[live] = step_logits[node[live]].float()
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
-            next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
+            if uniforms is None:
+                next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
+            else:
+                next_tok = inverse_cdf(probs, uniforms[:, t])  # [N]
         else:
             next_tok = logits.argmax(-1)
         next_tok = torch.where(finished, torch.full_like(next_tok, pad), next_tok)
         tokens[:, t] = next_tok
         finished |= next_tok == eos
-        if finished.all() or t == max_new_tokens - 1:
+        done = bool(finished.all())
+        if (done if agree is None else agree(done)) or t == max_new_tokens - 1:
             tokens = tokens[:, : t + 1]
             break
+        if done:  # other ranks still sample: join the forward whose all-gathers they wait on
+            model(input_ids=tokens[:1, :1], use_cache=False)
+            continue
         live = ~finished
         # the next nodes: distinct (node, token) pairs of the live rows, each extending its parent's cache
         pairs, node_of_live = torch.unique(node[live] * vocab + next_tok[live], return_inverse=True)  # [U']
@@ -105,23 +123,62 @@ def sample(
     return Rollout(prompt_ids, prompt_mask, tokens, mask, truncated=~finished, texts=texts)
 
 
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """probs [N, V], uniforms [N] in [0, 1) -> the token whose CDF interval holds each uniform: [N]."""
+    cdf = probs.cumsum(-1)  # [N, V]
+    target = (uniforms * cdf[:, -1]).unsqueeze(-1)  # [N, 1]: scaled, as the CDF may end a hair off 1
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def prompt_uniforms(prompt_seeds: list[int], n: int, max_new_tokens: int) -> torch.Tensor:
+    """[len(prompt_seeds) * n, max_new_tokens] uniforms: prompt i's n rows from its own host generator."""
+    return torch.cat(
+        [torch.rand(n, max_new_tokens, generator=torch.Generator().manual_seed(s)) for s in prompt_seeds]
+    )
+
+
 class HFBackend:
     """Generation with the trainer's own model object: its weights are always the current ones. `templated`:
-    the prompts it is given went through the chat template (`models.loading.uses_chat_template`)."""
+    the prompts it is given went through the chat template (`models.loading.uses_chat_template`); `agree`: the
+    all-ranks-finished vote of a sharded run (rlopt_cli/runtime/distributed.py), None in one process."""
 
-    def __init__(self, model: Any, tokenizer: Any, templated: bool = False) -> None:
-        self.model, self.tokenizer, self.templated = model, tokenizer, templated
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        templated: bool = False,
+        agree: Callable[[bool], bool] | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.templated, self.agree = model, tokenizer, templated, agree
 
     def generate(
-        self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int
+        self,
+        prompts: list[str],
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        prompt_seeds: list[int] | None = None,
     ) -> Rollout:
         device = next(self.model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        uniforms = None
+        if prompt_seeds is not None and temperature > 0:
+            uniforms = prompt_uniforms(prompt_seeds, n, max_new_tokens).to(device)  # [N, L]
         was_training = self.model.training
         self.model.eval()
         try:
             rollout = sample(
-                self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, generator, self.templated
+                self.model,
+                self.tokenizer,
+                prompts,
+                n,
+                max_new_tokens,
+                temperature,
+                generator,
+                self.templated,
+                uniforms,
+                self.agree,
             )
             return rollout.normal_tensors()
         finally:

@@ -6,7 +6,9 @@ beta > 0), clip the gradient, step the optimizer, sync the rollout engine, log; 
 SFT replaces the rollout and the surrogate with the NLL of the reference solutions; everything else is shared.
 
 Deliberate simplifications:
-- one process, one device (no FSDP/DeepSpeed); micro-batching gives gradient accumulation for big batches;
+- one process and one device, or one run sharded over several processes with FSDP2 under torchrun
+  (training/sharding.py: GRPO with hf rollouts; rank 0 writes the run folder); micro-batching gives gradient
+  accumulation for big batches;
 - a step is one generated batch: with num_iterations > 1 it holds that many optimizer updates;
 - prompts are drawn epoch by epoch from a seeded permutation; every step's sampling has its own seeded
   generator, so a resumed run draws exactly what an uninterrupted one would;
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +46,11 @@ from rlopt_cli.rollout import Backend, make_backend
 from rlopt_cli.runtime import cpu_kernels
 from rlopt_cli.runtime.atomic_files import atomic_write_json
 from rlopt_cli.runtime.devices import autocast, peak_memory_bytes, resolve_device
+from rlopt_cli.runtime.distributed import World
 from rlopt_cli.runtime.folder_lock import FolderLock, make_folder
 from rlopt_cli.runtime.kill_points import kill_point
 from rlopt_cli.tasks import Example, Task, build_task
+from rlopt_cli.training import sharding
 from rlopt_cli.training.checkpoint import load_trainer_state, prune_checkpoints, save_checkpoint, step_dir
 from rlopt_cli.training.evaluation import evaluate
 from rlopt_cli.training.progress import progress_bar, progress_info
@@ -55,12 +61,18 @@ from rlopt_cli.training.update_fraction import UpdateReference, step_norm, weigh
 from rlopt_cli.training.warmup import warm_start
 
 
-def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> Path:
+def train(
+    cfg: RunConfig, out_dir: str | Path = "results", say: Any = print, world: World | None = None
+) -> Path:
     """Run (or resume, or skip if finished) one training run; returns its folder.
 
     Everything that can be checked is checked before the folder is touched (config, device, task files, model
     path, --out), then the folder is locked for this process and claimed; a kill at any moment after that
-    resumes exactly, from the last complete checkpoint (step 0 included)."""
+    resumes exactly, from the last complete checkpoint (step 0 included). `world`: this process's rank of a
+    sharded run; None reads it from torchrun's environment (one process when there is none)."""
+    world = World.from_env() if world is None else world
+    if not world.lead:
+        say = quiet
     model_path = resolve_model_path(cfg.model.name_or_path, say)
     if model_path != cfg.model.name_or_path:  # the folder is what the run reads and records
         cfg = replace(cfg, model=replace(cfg.model, name_or_path=model_path))
@@ -68,31 +80,51 @@ def train(cfg: RunConfig, out_dir: str | Path = "results", say: Any = print) -> 
     if inspect_run(run_dir, cfg).finished:
         say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
         return run_dir
-    device = resolve_device(cfg.train.device)
+    sharding.check_sharded(cfg, world.size)
+    device = world.device(resolve_device(cfg.train.device))
     check_attention(cfg.model.attn_implementation, device)
     torch.manual_seed(cfg.train.seed)
     task = build_task(cfg.task)
     if not cfg.model.is_embedded:
         check_model_path(cfg.model.name_or_path)
         check_chat_template(cfg.model.name_or_path, cfg.task.chat_template)
-    make_folder(run_dir)
-    with FolderLock(run_dir, "run"):
-        if inspect_run(run_dir, cfg).finished:  # again, under the lock: another process may have finished it
-            say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
-        else:
-            run_training(cfg, run_dir, device, task, say)
+    world.init(device)
+    if world.lead:
+        make_folder(run_dir)
+    try:
+        with FolderLock(run_dir, "run") if world.lead else nullcontext():  # rank 0 holds it for the run
+            # again, under the lock: another process may have finished it
+            if inspect_run(run_dir, cfg).finished:
+                say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
+            else:
+                run_training(cfg, run_dir, device, task, say, world)
+    finally:
+        world.close()
     return run_dir
 
 
-def run_training(cfg: RunConfig, run_dir: Path, device: torch.device, task: Task, say: Any) -> None:
+def run_training(
+    cfg: RunConfig, run_dir: Path, device: torch.device, task: Task, say: Any, world: World = World()
+) -> None:
     """The loop, in a locked run folder."""
     kernels, note = cpu_kernels.check(cfg.train.cpu_isa)
     if note and device.type == "cpu":
         say(note)
     # The embedded model's warm-up is a stage of its own: an SFT run of this same loop, cached, before loading.
-    model, tokenizer = load_policy(cfg, device, warm_start(cfg, train, say))
-    state = claim_run(run_dir, cfg)  # only now: a model that fails to load claims nothing
+    # A sharded run's rank 0 runs it in one process, then the other ranks find it in the cache.
+    warm_up = partial(train, world=World.single())
+    warm = warm_start(cfg, warm_up, say) if world.lead else None
+    world.barrier()
+    if not world.lead:
+        warm = warm_start(cfg, warm_up, say)
+    model, tokenizer = load_policy(cfg, device, warm)
+    # only now: a model that fails to load claims nothing; rank 0 claims, the others read what it claimed
+    state = claim_run(run_dir, cfg) if world.lead else None
+    world.barrier()
+    state = state or inspect_run(run_dir, cfg)
     kill_point("startup")
+    if world.sharded:
+        model = sharding.shard_model(model, device)
     model.train()
     ref_model = None
     if cfg.train.objective == "grpo" and cfg.grpo.beta > 0:
@@ -100,31 +132,46 @@ def run_training(cfg: RunConfig, run_dir: Path, device: torch.device, task: Task
     opt = cfg.optimizer
     optimizer = build_optimizer(model.parameters(), opt.name, opt.lr, opt.weight_decay, opt.extra_args)
     backend = make_backend(cfg.rollout.backend, model, tokenizer, cfg)
+    save = save_checkpoint
+    if world.sharded:  # the sampler's ranks vote on when every row has finished; checkpoints go through DCP
+        templated = uses_chat_template(tokenizer, cfg.task.chat_template)
+        backend = sharding.ShardedHFBackend(model, tokenizer, templated, agree=world.all_true)
+        save = partial(sharding.save_checkpoint, world=world)
     save_dtype = getattr(torch, cfg.train.save_dtype)
     config_toml = to_toml(cfg)
 
     if state.resume_from is None:  # step 0: the starting weights are the sparsity reference
-        save_checkpoint(run_dir, 0, model, tokenizer, None, config_toml, cfg.train.save_dtype)
+        save(run_dir, 0, model, tokenizer, None, config_toml, cfg.train.save_dtype)
         start_step = 0
     else:  # from step 0 this restores the starting weights and RNG, and the optimizer starts fresh as it did
-        start_step = load_trainer_state(state.resume_from, model, optimizer)
+        load = load_trainer_state
+        if world.sharded or sharding.is_dcp(state.resume_from):  # DCP reshards to any number of processes
+            load = sharding.load_trainer_state
+        start_step = load(state.resume_from, model, optimizer)
         backend.sync_weights(model)
         say(f"resuming {run_dir.name} from step {start_step}")
     reference = UpdateReference.from_file(step_dir(run_dir, 0), model, save_dtype)
+    weights = sharding.Gathered(model) if world.sharded else model  # what the sparsity counts compare
     # rows after the resumed checkpoint are redone; from step 0 that includes the initial eval
-    metrics_file = MetricsFile(run_dir, start_step if start_step > 0 else -1)
+    metrics_file: Any = sharding.NullMetrics()
+    if world.lead:
+        metrics_file = MetricsFile(run_dir, start_step if start_step > 0 else -1)
     elapsed = (read_metrics(run_dir) or [{}])[-1].get("time/elapsed_s", 0.0)
-    meta = write_meta(
-        run_dir,
-        cfg,
-        str(device),
-        n_params=parameter_count(model),
-        torch_dtype="float32",
-        save_dtype=cfg.train.save_dtype,
-        kernels=kernels,
-    )
+    world.barrier()  # rank 0 has trimmed metrics.jsonl to the resumed step
+    meta: dict[str, Any] = {}
+    if world.lead:
+        meta = write_meta(
+            run_dir,
+            cfg,
+            str(device),
+            n_params=parameter_count(model),
+            torch_dtype="float32",
+            save_dtype=cfg.train.save_dtype,
+            kernels=kernels,
+            **({"world_size": world.size} if world.sharded else {}),
+        )
     sink: Sink = NullSink()
-    if cfg.log.wandb:
+    if cfg.log.wandb and world.lead:
         sink = WandbSink(
             run_dir,
             cfg.run_name,
@@ -137,21 +184,24 @@ def run_training(cfg: RunConfig, run_dir: Path, device: torch.device, task: Task
         update_meta(run_dir, wandb_id=sink.id)
 
     def run_eval() -> dict[str, float]:
-        result = evaluate(backend, tokenizer, task, cfg)
-        return {"eval/accuracy": result["accuracy"], **reference.fractions(model)}
+        if world.sharded:
+            accuracy = sharding.evaluate_split(backend, tokenizer, task, cfg, world)
+        else:
+            accuracy = evaluate(backend, tokenizer, task, cfg)["accuracy"]
+        return {"eval/accuracy": accuracy, **reference.fractions(weights)}
 
     if start_step == 0:
         initial = run_eval()
         metrics_file.log(initial, 0)
         sink.log(initial, 0)
         kill_point("step-0")
-    with progress_bar(cfg) as progress:
+    with progress_bar(cfg if world.lead else replace(cfg, log=replace(cfg.log, progress=False))) as progress:
         bar = progress.add_task(cfg.run_name, total=cfg.train.steps, completed=start_step, info="")
         for step in range(start_step + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             set_lr(optimizer, lr_at(step, cfg))
             if cfg.train.objective == "grpo":
-                row = grpo_step(model, ref_model, optimizer, backend, tokenizer, task, cfg, step)
+                row = grpo_step(model, ref_model, optimizer, backend, tokenizer, task, cfg, step, world=world)
             else:
                 row = sft_step(model, optimizer, tokenizer, task, cfg, step)
             row["time/step_s"] = time.perf_counter() - t0
@@ -169,15 +219,19 @@ def run_training(cfg: RunConfig, run_dir: Path, device: torch.device, task: Task
             sink.log(row, step)
             kill_point(f"step-{step}")
             if due(step, cfg.train.checkpoint_every, cfg.train.steps):
-                save_checkpoint(run_dir, step, model, tokenizer, optimizer, config_toml, cfg.train.save_dtype)
-                prune_checkpoints(run_dir, cfg.train.keep_checkpoints)  # only after the new one is whole
+                save(run_dir, step, model, tokenizer, optimizer, config_toml, cfg.train.save_dtype)
+                if world.lead:
+                    prune_checkpoints(run_dir, cfg.train.keep_checkpoints)  # only after the new one is whole
             progress.update(bar, completed=step, info=progress_info(row))
 
     metrics_file.close()
-    summary = summarize(run_dir, cfg, parameter_count(model), optimizer, reference.ulp_ratios(model))
-    sink.finish(summary)
-    update_meta(run_dir, finished=True)
-    atomic_write_json(run_dir / "summary.json", summary)
+    ulp = reference.ulp_ratios(weights)
+    if world.lead:
+        summary = summarize(run_dir, cfg, parameter_count(model), optimizer, ulp)
+        sink.finish(summary)
+        update_meta(run_dir, finished=True)
+        atomic_write_json(run_dir / "summary.json", summary)
+    world.barrier()
 
 
 def grpo_step(
@@ -189,12 +243,21 @@ def grpo_step(
     task: Task,
     cfg: RunConfig,
     step: int,
+    world: World = World(),
 ) -> dict[str, Any]:
+    """One step. Sharded (`world`), this rank samples and trains on its contiguous share of the step's prompts,
+    and every number that spans the batch (advantages under batch scaling, the loss normalisers, the logged
+    metrics) is taken over the gathered global batch, so the step is the one-process step."""
     g = cfg.grpo
     examples = pick_examples(task.train, g.prompts_per_step, step, cfg.train.seed)
+    share = world.share(len(examples))  # this rank's prompts: all of them in one process
+    examples = examples[share]
     prompts = render_prompts(
         tokenizer, [e.prompt for e in examples], cfg.task.chat_template, cfg.task.chat_template_kwargs
     )
+    seeds: dict[str, Any] = {}
+    if cfg.rollout.seed_scope == "prompt":  # each prompt's own draws, wherever it is sampled
+        seeds["prompt_seeds"] = [prompt_seed(cfg.train.seed, step, i) for i in range(share.start, share.stop)]
     t_gen = time.perf_counter()
     rollout = backend.generate(
         prompts,
@@ -202,33 +265,50 @@ def grpo_step(
         g.max_completion_length,
         g.temperature,
         seed=step_seed(cfg.train.seed, step),
+        **seeds,
     )
     gen_s = time.perf_counter() - t_gen
     repeated = [e for e in examples for _ in range(g.num_generations)]
     device = rollout.completion_ids.device
-    rewards = torch.tensor(task.rewards(rollout.texts, repeated), dtype=torch.float32)  # [B]
-    advantages = grpo.group_advantages(rewards, g.num_generations, g.scale_rewards).to(device)  # [B]
-    mask = rollout.completion_mask  # [B, L]
+    own_rows = slice(share.start * g.num_generations, share.stop * g.num_generations)  # this rank's rows
+    local_rewards = torch.tensor(task.rewards(rollout.texts, repeated), dtype=torch.float32)  # [b]
+    rewards = world.gather(local_rewards)  # [B]
+    advantages = grpo.group_advantages(rewards, g.num_generations, g.scale_rewards)  # [B]
+    advantages = advantages[own_rows].to(device)  # [b]
+    if world.sharded:  # every rank forwards prompts of one width, so the log-prob passes agree on shapes
+        rollout = sharding.pad_prompts(rollout, world, tokenizer.pad_token_id)
+    mask = rollout.completion_mask  # [b, L]
     if g.mask_truncated_completions:
         mask = mask * (~rollout.truncated).unsqueeze(1)
-    num_tokens = int(mask.sum())
+    num_tokens = int(world.sum([float(mask.sum())])[0])
     # Rows that carry a gradient. With beta = 0, a group whose completions all scored alike has zero advantage:
     # its loss and gradient are exactly zero, so its forward/backward is skipped (its tokens still count in the
     # loss normalisers). Groups go whole, so the prompt forward is still shared within each group.
-    carries = advantages.view(-1, g.num_generations).ne(0).any(1).repeat_interleave(g.num_generations)  # [B]
+    carries = advantages.view(-1, g.num_generations).ne(0).any(1).repeat_interleave(g.num_generations)  # [b]
     if g.beta > 0 or not g.skip_zero_advantage:
         carries = torch.ones_like(carries)
-    # Fixed-size micro-batches, or whole groups packed under a token budget (grpo.micro_batch_tokens).
+    # Fixed-size micro-batches, or whole groups packed under a token budget (grpo.micro_batch_tokens; one
+    # process only, so every rank's micro-batches are the same consecutive row ranges).
     micro_rows = grpo.micro_batch_rows(
         rollout.prompt_mask, mask, carries, g.num_generations, g.micro_batch_size, g.micro_batch_tokens
     )
     micro_rows = [rows.to(device) for rows in micro_rows]  # [b_i] row indices
+    if world.sharded and not (g.beta > 0 or not g.skip_zero_advantage):
+        # FSDP's forwards are collective: ranks skip a micro-batch together, or forward it whole
+        for rows in micro_rows:
+            if not world.all_true(not bool(carries[rows].any())):
+                carries[rows] = True
     batches = [rows[carries[rows]] for rows in micro_rows]  # [b] the rows that are forwarded
     # Whole groups per micro-batch: each prompt is forwarded once for its G completions (grpo.token_logprobs).
     whole_groups = all(len(rows) % g.num_generations == 0 for rows in micro_rows)
     group_size = g.num_generations if g.share_prompt_forward and whole_groups else 1
+    columns = None
+    if world.sharded:  # each micro-batch trimmed to columns all ranks agree on: same shapes, same route
+        columns = [
+            sharding.agreed_columns(rollout.prompt_mask[rows], mask[rows], world) for rows in micro_rows
+        ]
 
-    def logps_of(m: Any, rows: torch.Tensor) -> torch.Tensor:
+    def logps_of(m: Any, rows: torch.Tensor, i: int) -> torch.Tensor:
         with autocast(cfg.train.precision, device):
             return grpo.token_logprobs(
                 m,
@@ -240,11 +320,12 @@ def grpo_step(
                 group_size,
                 g.pack_max_tokens,
                 g.logprob_chunk_tokens,
+                None if columns is None else columns[i],
             )  # [b, L]
 
     def frozen_logps(m: Any) -> list[torch.Tensor]:
         with torch.no_grad():
-            return [logps_of(m, rows) if len(rows) else torch.empty(0) for rows in batches]
+            return [logps_of(m, rows, i) if len(rows) else torch.empty(0) for i, rows in enumerate(batches)]
 
     # The sampling policy's log-probs are needed only when it differs from the current one.
     old_logps = frozen_logps(model) if g.num_iterations > 1 else None
@@ -270,7 +351,7 @@ def grpo_step(
                 for metric in (losses, kls, clips):
                     metric.append(0.0)
                 continue
-            logps = logps_of(model, rows)
+            logps = logps_of(model, rows, i)
             sampling = logps.detach() if old_logps is None else old_logps[i]  # [b, L] pi_old, the trainer's
             token = grpo.per_token_loss(
                 logps,
@@ -300,7 +381,7 @@ def grpo_step(
                 num_sequences=g.batch_size,
                 num_tokens=num_tokens,
                 max_completion_length=g.max_completion_length,
-                num_micro_batches=len(micro_rows),
+                num_micro_batches=len(micro_rows) * world.size,
                 micro_batch_tokens=micro_tokens,
             )
             loss.backward()
@@ -324,15 +405,19 @@ def grpo_step(
             "train/sampler_logp_gap": float(gap.mean()),
             "train/sampler_logp_gap_max": float(gap.max()),
         }
+    # sums over every rank's micro-batches (one process: these very sums)
+    loss_sum, kl_sum, clip_sum, micro_count = world.sum([sum(losses), sum(kls), sum(clips), len(kls)])
+    lengths = world.gather(rollout.completion_mask.sum(1))  # [B]
+    truncated = world.gather(rollout.truncated.to(torch.uint8)).bool()  # [B]
     return measured | {
         "train/reward_mean": float(rewards.mean()),
         "train/reward_std": float(rewards.std()),
         "train/frac_reward_zero_std": float((grouped.std(dim=1) == 0).float().mean()),
-        "train/loss": sum(losses) / g.num_iterations,
-        "train/kl": sum(kls) / len(kls),
-        "train/clip_frac": sum(clips) / len(clips),
-        "train/completion_len": float(rollout.completion_mask.sum(1).float().mean()),
-        "train/truncated_frac": float(rollout.truncated.float().mean()),
+        "train/loss": loss_sum / g.num_iterations,
+        "train/kl": kl_sum / micro_count,
+        "train/clip_frac": clip_sum / micro_count,
+        "train/completion_len": float(lengths.float().mean()),
+        "train/truncated_frac": float(truncated.float().mean()),
         "train/skipped_frac": 1.0 - float(carries.float().mean()),
         "train/grad_norm": grad_norms[0],
         "train/clip_active": float(grad_norms[0] > cfg.optimizer.max_grad_norm > 0),
@@ -371,8 +456,17 @@ def sft_step(
 # small helpers the loop reads through
 
 
+def quiet(message: str) -> None:
+    """`say` on ranks other than 0."""
+
+
 def step_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
+
+
+def prompt_seed(seed: int, step: int, prompt: int) -> int:
+    """Seed of the draws of the step's `prompt`-th prompt (its G samples are rows of one draw)."""
+    return step_seed(seed, step) * 1_000_003 + prompt
 
 
 def pick_examples(pool: Any, count: int, step: int, seed: int) -> list[Example]:
@@ -407,7 +501,7 @@ def clip_and_step(model: Any, optimizer: Any, max_norm: float, probe: bool = Fal
     """Clip the global gradient norm (when max_norm > 0) and step, unless the norm is NaN/Inf. Returns the norm
     before clipping, and the probe's statistics when `probe` (it reads the clipped gradient and the moments
     around the step)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    norm = sharding.clip_grad_norm(model, max_norm if max_norm > 0 else math.inf)  # DTensor grads too
     if not math.isfinite(float(norm)):  # NaN/Inf would poison the weights and AdamW's moments: skip, as TRL
         return float(norm), None
     snapshot = Probe(model, optimizer) if probe else None
@@ -416,7 +510,7 @@ def clip_and_step(model: Any, optimizer: Any, max_norm: float, probe: bool = Fal
 
 
 def optimizer_metrics(optimizer: Any) -> dict[str, float]:
-    held = state_bytes(optimizer)
+    held = state_bytes(optimizer)  # sharded: DTensor state counts at its global size, the whole run's
     row = {"optim/lr": optimizer.param_groups[0]["lr"], "optim/state_bytes": float(held.pop("total"))}
     row |= {f"optim/state_bytes/{k}": float(v) for k, v in held.items()}
     return row

@@ -1,0 +1,372 @@
+"""One run across several processes (torchrun): FSDP2 sharding, its checkpoints (DCP), and the loop's sharded
+pieces (gradient clipping, evaluation, the update-sparsity view). Everything here is PyTorch's own engines:
+`fully_shard` (FSDP2, DTensor parameters), `torch.distributed.checkpoint` and its state-dict helpers.
+
+How a sharded run stays the single-process run (rlopt_cli/training/loop.py):
+- every rank samples its contiguous share of the step's prompts, each completion's randomness seeded per
+  (run seed, step, global prompt index, sample index) (`rollout.seed_scope = "prompt"`), so the completions do
+  not depend on how the prompts are split;
+- rewards and advantages are computed on the gathered global batch (groups never straddle ranks), the loss
+  normalisers (`num_tokens`, `num_sequences`) are global, and FSDP sums the ranks' gradients (divide factor 1),
+  so the gradient is the one-process gradient up to float summation order;
+- under FSDP every forward all-gathers: ranks must run the same forwards, so the sampler runs until every
+  rank's rows finished (`World.all_true`), the log-prob pass trims each micro-batch to columns agreed by all
+  ranks (same route, same chunking everywhere), and a micro-batch whose groups all have zero advantage is
+  skipped only when it is so on every rank (else the rank forwards it whole: zero-advantage rows add exactly 0).
+
+Deliberate simplifications (refused with a one-line error, `check_sharded`): GRPO only (no SFT), hf rollouts
+only, no KL reference model (beta = 0), no probe, no update-norm logging. Evaluation is split by rank and the
+correct counts summed. The in-training update sparsity gathers one full parameter at a time on every rank.
+`optim/state_bytes` needs nothing: a DTensor's numel is its global size, so every rank counts the whole run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from rlopt_cli.algo.grpo import trim_columns
+from rlopt_cli.config.schema import RunConfig
+from rlopt_cli.errors import RloptError
+from rlopt_cli.models.loading import mark_saved_dtype, render_prompts
+from rlopt_cli.rollout import Backend, Rollout
+from rlopt_cli.rollout.hf import HFBackend
+from rlopt_cli.runtime.distributed import World
+from rlopt_cli.runtime.kill_points import kill_point
+from rlopt_cli.tasks import Task
+from rlopt_cli.training.checkpoint import step_dir
+
+DCP_DIR = "trainer_state"  # DCP's folder inside a checkpoint: one file per rank plus its .metadata
+
+
+def check_sharded(cfg: RunConfig, nproc: int) -> None:
+    """One-line errors, before any process starts, for what a run of `nproc` processes cannot do."""
+    if nproc < 1:
+        raise RloptError(f"--nproc = {nproc} must be >= 1")
+    if nproc == 1:
+        return
+    g = cfg.grpo
+    backend = cfg.rollout.backend
+    why = [  # (refused, why), checked in this order
+        (cfg.train.objective != "grpo", "train.objective = 'sft' runs in one process for now; drop --nproc"),
+        (
+            backend != "hf",
+            f"rollout.backend = {backend!r} cannot run sharded (vLLM under torchrun is out of scope for now); "
+            "use rollout.backend='hf' or drop --nproc",
+        ),
+        (
+            cfg.rollout.seed_scope != "prompt",
+            "a sharded run needs rollout.seed_scope='prompt' (sampling seeded per prompt, so the completions "
+            "do not depend on the number of processes)",
+        ),
+        (
+            g.prompts_per_step % nproc != 0,
+            f"--nproc {nproc} must divide the prompts per step (grpo.batch_size / grpo.num_generations = "
+            f"{g.prompts_per_step})",
+        ),
+        (g.beta > 0, "grpo.beta > 0 needs a KL reference model, which is not sharded yet; set grpo.beta=0"),
+        (
+            g.micro_batch_tokens > 0,
+            "grpo.micro_batch_tokens packs each process's groups its own way, and FSDP's forwards must match "
+            "across processes; use grpo.micro_batch_size with --nproc",
+        ),
+        (bool(cfg.probe.steps), "probe.steps is not supported in a sharded run; drop it or --nproc"),
+        (cfg.log.update_norm, "log.update_norm is not supported in a sharded run; drop it or --nproc"),
+    ]
+    for bad, message in why:
+        if bad:
+            raise RloptError(message)
+    local = g.batch_size // nproc
+    if g.micro_batch_size and local % g.micro_batch_size:
+        raise RloptError(
+            f"grpo.micro_batch_size = {g.micro_batch_size} must divide each process's {local} completions "
+            f"(grpo.batch_size / --nproc)"
+        )
+    device = cfg.train.device
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        available = torch.cuda.device_count()
+        if nproc > available:
+            raise RloptError(f"--nproc {nproc} but this host has {available} CUDA devices (one per process)")
+
+
+def shard_model(model: Any, device: torch.device) -> Any:
+    """`fully_shard` each decoder block, then the parts the loss calls on their own, then the root.
+
+    The log-prob pass calls the decoder (`model.get_decoder()`) and lm_head directly, not the root, so each
+    must be a unit of its own that all-gathers its parameters in its own forward: the decoder holds the
+    embedding and the final norm, lm_head its weight (or, tied, shares the embedding's unit). On CUDA the
+    blocks compute in bf16 and gradients are reduced in fp32; on CPU (gloo has no bf16) everything is fp32.
+    Gradients are summed over ranks, not averaged: each rank's loss is already its share of the global loss."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not hasattr(decoder, "embed_tokens"):
+        raise RloptError(
+            f"{type(model).__name__} has no decoder.layers to shard; use a Llama/Qwen-family model"
+        )
+    for block in layers:
+        fully_shard(block, mp_policy=policy)
+    if head.weight is decoder.embed_tokens.weight:  # tied: one parameter, so one unit for both modules
+        fully_shard([decoder.embed_tokens, head], mp_policy=policy)
+    else:
+        fully_shard(head, mp_policy=policy)
+    fully_shard(decoder, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+    with torch.no_grad():  # the first forward through the root makes it FSDP's root (the loss skips it)
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+    return model
+
+
+def clip_grad_norm(model: Any, max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` over the model's gradients, sharded (DTensor) or not; returns the global norm.
+
+    One process: exactly torch's `clip_grad_norm_`. Sharded: the norm of the DTensor gradients, made whole
+    (one all-reduce), then the same clipping; as torchtitan does."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p.grad, DTensor) for p in params):
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+class ShardedHFBackend(HFBackend):
+    """The hf sampler on a sharded model: each FSDP unit all-gathers its weights at the call's first forward
+    and keeps them until the call ends, instead of once per generated token (FSDP's own advice for evals:
+    `set_reshard_after_forward(False)`); they are resharded before training. Peak memory per rank during
+    sampling is then the whole model's, as in one process. `agree` is the all-ranks-finished vote."""
+
+    def generate(self, *args: Any, **kwargs: Any) -> Rollout:
+        self.model.set_reshard_after_forward(False)
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            from torch.distributed.fsdp import FSDPModule
+
+            self.model.set_reshard_after_forward(True)
+            for module in self.model.modules():  # `reshard` is per unit, not recursive
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+
+class Gathered:
+    """A sharded model seen as whole weights, one parameter at a time (`UpdateReference` reads it)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def named_parameters(self) -> Any:
+        from torch.distributed.tensor import DTensor
+
+        for name, param in self.model.named_parameters():
+            yield name, param.full_tensor() if isinstance(param, DTensor) else param
+
+
+class NullMetrics:
+    """metrics.jsonl on ranks other than 0: rank 0 alone writes the run folder."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def evaluate_split(backend: Backend, tokenizer: Any, task: Task, cfg: RunConfig, world: World) -> float:
+    """Greedy accuracy on the eval split, each rank decoding its contiguous share and the correct counts summed.
+
+    Every rank makes the same generate calls with the same number of prompts (FSDP forwards are collective):
+    a short share is padded with copies of the first problem, which are decoded and not counted."""
+    examples = list(task.eval)
+    per = -(-len(examples) // world.size)
+    mine = examples[world.rank * per : (world.rank + 1) * per]
+    padded = mine + [examples[0]] * (per - len(mine))
+    correct = 0.0
+    batch = cfg.rollout.eval_batch_size
+    for start in range(0, per, batch):
+        chunk = padded[start : start + batch]
+        prompts = render_prompts(tokenizer, [e.prompt for e in chunk], cfg.task.chat_template)
+        greedy = backend.generate(prompts, 1, cfg.grpo.max_completion_length, 0.0, 0)
+        real = max(0, min(len(chunk), len(mine) - start))
+        correct += sum(task.rewards(greedy.texts[:real], chunk[:real]))
+    return world.sum([correct])[0] / len(examples)
+
+
+def pad_prompts(rollout: Rollout, world: World, pad_id: int) -> Rollout:
+    """The rollout with its left-padded prompts widened to the widest of any rank's (each rank's tokenizer
+    padded to its own longest prompt), so `agreed_columns` cuts every rank's micro-batches alike."""
+    width = rollout.prompt_ids.shape[1]
+    extra = world.max([width])[0] - width
+    if extra == 0:
+        return rollout
+    ids = torch.nn.functional.pad(rollout.prompt_ids, (extra, 0), value=pad_id)  # [b, P']
+    mask = torch.nn.functional.pad(rollout.prompt_mask, (extra, 0), value=0)  # [b, P']
+    return dataclasses.replace(rollout, prompt_ids=ids, prompt_mask=mask)
+
+
+def agreed_columns(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, world: World) -> tuple[int, int]:
+    """The (first prompt column, completion columns) to keep in a micro-batch: `grpo.trim`'s choice made over
+    every rank's rows, so every rank forwards the same shapes (and takes the same route)."""
+    first, last = trim_columns(prompt_mask, completion_mask)
+    neg_first, last = world.max([-first, last])
+    return -neg_first, last
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints: the consolidated export (rank 0) and the sharded trainer state (DCP, every rank)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer: Any | None,
+    config_toml: str,
+    save_dtype: str,
+    world: World,
+) -> Path:
+    """checkpoints/step-NNNNNN, atomically: the Hugging Face export (model.safetensors in `save_dtype`, config,
+    tokenizer) from the full state dict, written by rank 0; the trainer state (fp32 model shards, optimizer
+    shards, RNG) through DCP by every rank into `trainer_state/`, readable on any number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
+
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if world.lead:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    world.barrier()
+    full: dict[str, Any] = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if world.lead:  # the other ranks' `full` is empty: cpu_offload gathers to rank 0 only
+        dtype = getattr(torch, save_dtype)
+        export = {k: v.detach().to(dtype).contiguous() for k, v in full.items()}
+        model.save_pretrained(tmp, state_dict=export, safe_serialization=True, max_shard_size="5GB")
+        mark_saved_dtype(tmp, save_dtype)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "rlopt.toml").write_text(config_toml)
+    del full
+    if optimizer is None:
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+    state["rng"] = torch.get_rng_state()
+    dcp.save(state, checkpoint_id=str(tmp / DCP_DIR), no_dist=not world.sharded)
+    if world.lead:
+        info = {"step": step, "save_dtype": save_dtype, "format": "dcp", "world_size": world.size}
+        info["has_optimizer"] = optimizer is not None
+        (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2) + "\n")
+        kill_point(f"checkpoint-{step}")
+        if final.exists():  # re-saving a step after a resume: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    world.barrier()
+    return final
+
+
+def is_dcp(ckpt: Path) -> bool:
+    return (ckpt / DCP_DIR).is_dir()
+
+
+def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:
+    """Restore model, optimizer and RNG from a checkpoint on any number of processes; returns its step.
+
+    A DCP checkpoint (saved by a sharded run) is resharded to this run's processes by DCP. A one-process
+    checkpoint (trainer_state.safetensors) is read whole by every rank and scattered into the shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    try:
+        info = json.loads((ckpt / "trainer_state.json").read_text())
+    except (ValueError, FileNotFoundError) as err:
+        raise RloptError(
+            f"checkpoint {ckpt} is unreadable ({err}); move it away to resume from the one before"
+        ) from None
+    if not is_dcp(ckpt):
+        return load_single_process_state(ckpt, info, model, optimizer)
+    with_optim = optimizer is not None and info.get("has_optimizer", False)
+    if with_optim:
+        model_state, optim_state = get_state_dict(model, cast(Any, optimizer))
+        state: dict[str, Any] = {"model": model_state, "optim": optim_state}
+    else:
+        state = {"model": get_model_state_dict(model)}
+    state["rng"] = torch.get_rng_state()
+    import torch.distributed as dist
+
+    with (
+        warnings.catch_warnings()
+    ):  # one process (no process group): DCP reads every rank's shards, and says so
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not dist.is_initialized())
+    if with_optim:
+        set_state_dict(
+            model, cast(Any, optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+    else:
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    torch.set_rng_state(state["rng"])
+    return int(info["step"])
+
+
+def load_single_process_state(ckpt: Path, info: dict[str, Any], model: Any, optimizer: Any | None) -> int:
+    """A one-process checkpoint into a sharded model: full fp32 masters and optimizer state, keyed by name."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    tensors = load_file(str(ckpt / "trainer_state.safetensors"))
+    names = [n for n, _ in model.named_parameters()]
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, {n: tensors[f"master.{n}"] for n in names}, options=full)
+    torch.set_rng_state(tensors["rng.torch"])
+    if optimizer is not None and info["param_groups"]:
+        state: dict[str, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(names[int(idx)], {})[name] = value
+        groups = []
+        for group in info["param_groups"]:
+            group = dict(group, params=[names[i] for i in group["params"]])
+            if "betas" in group:
+                group["betas"] = tuple(group["betas"])
+            groups.append(group)
+        full_optim: Any = {"state": state, "param_groups": groups}
+        set_optimizer_state_dict(model, optimizer, full_optim, options=full)
+    return int(info["step"])
