@@ -20,7 +20,11 @@ from rlopt_cli.training.checkpoint import has_weights, load_trainer_state, resol
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
 # each paper recipe's model -> the tiny random stand-in of its architecture (tests/tiny_hf.py)
-RECIPE_ARCHS = {"models/Qwen2.5-0.5B-Instruct": "qwen2", "models/Qwen3-1.7B": "qwen3"}
+RECIPE_ARCHS = {
+    "models/Qwen2.5-0.5B-Instruct": "qwen2",
+    "models/Qwen3-1.7B": "qwen3",
+    "models/Qwen3-8B": "qwen3",
+}
 
 
 @pytest.mark.slow

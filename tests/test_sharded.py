@@ -189,3 +189,13 @@ def test_more_processes_than_gpus(tmp_path: Path) -> None:
         app, ["train", "--out", str(tmp_path), "--nproc", "2", *PROMPT, "--set", "train.device='cuda'"]
     )
     assert "--nproc 2 but this host has 0 CUDA devices" in one_line_error(result)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_8b_recipes_say_why_they_do_not_run_sharded_yet(optimizer: str) -> None:
+    """The paper's 8B recipes carry its flags (vLLM rollouts, a KL term): `--nproc 4` refuses them in one line,
+    before any process starts, naming the first piece that is not sharded yet."""
+    recipe = f"recipes/paper/qwen3_8b_math_grpo_{optimizer}.toml"
+    result = CliRunner().invoke(app, ["train", "--nproc", "4", "--recipe", recipe])
+    assert result.exit_code == 2
+    assert "rollout.backend = 'vllm' cannot run sharded" in result.output
