@@ -120,6 +120,24 @@ def test_two_processes_equal_one_and_resume_on_any_count(tmp_path: Path, tiny_ov
     assert next(model.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.slow
+def test_two_processes_with_a_sharded_kl_reference_equal_one(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """beta > 0: the frozen reference is sharded in the policy's units; its no-grad pass and the k3 KL are the
+    one-process ones up to float summation order."""
+    overrides = [*tiny_overrides, *SHARDED, "grpo.beta=0.04"]
+    one = trainer.train(load_config(None, overrides), tmp_path / "one", quiet)
+    run = launch(overrides, tmp_path / "two", 2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_run(one, tmp_path / "two" / "run")
+    a, b = read_metrics(one), read_metrics(tmp_path / "two" / "run")
+    kls = [(ra["train/kl"], rb["train/kl"]) for ra, rb in zip(a[1:], b[1:], strict=True)]
+    assert max(k for k, _ in kls) > 0  # the policy moves away from its reference
+    for k1, k2 in kls:
+        assert k2 == pytest.approx(k1, rel=1e-4, abs=1e-9)
+
+
 def test_prompt_seed_scope_ignores_the_batch_around_a_prompt(tiny_overrides: list[str]) -> None:
     from rlopt_cli.models.loading import load_policy
     from rlopt_cli.rollout.hf import HFBackend
@@ -170,7 +188,11 @@ PROMPT = ["--set", "rollout.seed_scope='prompt'"]
             "cannot run sharded (vLLM under torchrun is out",
         ),
         (["--nproc", "0"], "--nproc = 0 must be >= 1"),
-        (["--nproc", "2", *PROMPT, "--set", "grpo.beta=0.04"], "grpo.beta > 0 needs a KL reference model"),
+        (
+            ["--nproc", "2", *PROMPT, "--set", "grpo.beta=0.04", "--set", "grpo.ref_offload=true"],
+            "grpo.ref_offload moves a whole reference model",
+        ),
+        (["--nproc", "2", *PROMPT, "--set", "grpo.micro_batch_tokens=64"], "use grpo.micro_batch_size with"),
         (["--nproc", "2", *PROMPT, "--objective", "sft"], "runs in one process for now"),
         (["--set", "rollout.backend='vllm'", *PROMPT], "rollout.seed_scope = 'prompt' needs rollout.backend"),
     ],

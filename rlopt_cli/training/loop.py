@@ -123,12 +123,14 @@ def run_training(
     world.barrier()
     state = state or inspect_run(run_dir, cfg)
     kill_point("startup")
-    if world.sharded:
-        model = sharding.shard_model(model, device)
-    model.train()
     ref_model = None
-    if cfg.train.objective == "grpo" and cfg.grpo.beta > 0:
+    if cfg.train.objective == "grpo" and cfg.grpo.beta > 0:  # a frozen copy of the whole starting policy
         ref_model = Reference(model, reference_dtype(cfg.grpo.ref_dtype, device), cfg.grpo.ref_offload)
+    if world.sharded:  # the reference in the same units: its no-grad pass all-gathers as the policy's does
+        model = sharding.shard_model(model, device)
+        if ref_model is not None:
+            ref_model.model = sharding.shard_model(ref_model.model, device)
+    model.train()
     opt = cfg.optimizer
     optimizer = build_optimizer(model.parameters(), opt.name, opt.lr, opt.weight_decay, opt.extra_args)
     backend = make_backend(cfg.rollout.backend, model, tokenizer, cfg)

@@ -15,7 +15,8 @@ How a sharded run stays the single-process run (rlopt_cli/training/loop.py):
   skipped only when it is so on every rank (else the rank forwards it whole: zero-advantage rows add exactly 0).
 
 Deliberate simplifications (refused with a one-line error, `check_sharded`): GRPO only (no SFT), hf rollouts
-only, no KL reference model (beta = 0), no probe, no update-norm logging. Evaluation is split by rank and the
+only, no probe, no update-norm logging, no token-budget micro-batches; the KL reference (beta > 0) is sharded like
+the policy, in the same units, and stays on the device (no `grpo.ref_offload`). Evaluation is split by rank and the
 correct counts summed. The in-training update sparsity gathers one full parameter at a time on every rank.
 `optim/state_bytes` needs nothing: a DTensor's numel is its global size, so every rank counts the whole run's.
 """
@@ -71,7 +72,10 @@ def check_sharded(cfg: RunConfig, nproc: int) -> None:
             f"--nproc {nproc} must divide the prompts per step (grpo.batch_size / grpo.num_generations = "
             f"{g.prompts_per_step})",
         ),
-        (g.beta > 0, "grpo.beta > 0 needs a KL reference model, which is not sharded yet; set grpo.beta=0"),
+        (
+            g.beta > 0 and g.ref_offload,
+            "grpo.ref_offload moves a whole reference model; sharded, each process holds 1/N of it: drop it",
+        ),
         (
             g.micro_batch_tokens > 0,
             "grpo.micro_batch_tokens packs each process's groups its own way, and FSDP's forwards must match "
