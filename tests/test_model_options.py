@@ -295,6 +295,23 @@ def test_logprob_passes_build_no_kv_cache(arch: str) -> None:
 # 4. loading: fp32 master weights placed on their device as they load
 
 
+def test_accelerators_load_through_device_map_when_accelerate_is_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from rlopt_cli.models.loading import placement_kwargs
+
+    cuda = torch.device("cuda", 1)
+    assert placement_kwargs(torch.device("cpu")) == {}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert placement_kwargs(cuda) == {"device_map": cuda}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None
+    )  # transformers would refuse device_map
+    assert placement_kwargs(cuda) == {}
+
+
 def test_weights_load_in_fp32_onto_the_target_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -307,7 +324,7 @@ def test_weights_load_in_fp32_onto_the_target_device(tmp_path: Path, monkeypatch
         AutoModelForCausalLM, "from_pretrained", lambda *a, **k: (calls.append(k), real(*a, **k))[1]
     )
     model, _ = load_pretrained(folder, torch.device("cpu"))
-    assert calls[0]["device_map"] == torch.device("cpu") and calls[0]["dtype"] == torch.float32
+    assert "device_map" not in calls[0] and calls[0]["dtype"] == torch.float32  # on the host: nothing to move
     assert "attn_implementation" not in calls[0]  # auto: transformers' own choice, as before
     for name, p in model.state_dict().items():
         assert p.dtype == torch.float32 and p.device.type == "cpu"

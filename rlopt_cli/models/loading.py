@@ -181,14 +181,23 @@ def attention_kwargs(name: str) -> dict[str, Any]:
     return {} if name == "auto" else {"attn_implementation": name}
 
 
+def placement_kwargs(device: torch.device) -> dict[str, Any]:
+    """`device_map` where it saves host memory (an accelerator) and transformers can honour it (accelerate)."""
+    if device.type == "cpu" or importlib.util.find_spec("accelerate") is None:
+        return {}
+    return {"device_map": device}
+
+
 def load_pretrained(
     path: str | Path, device: torch.device, attn_implementation: str = "auto"
 ) -> tuple[Any, PreTrainedTokenizerBase]:
     """fp32 master weights on `device`, whatever dtype the folder stores (bf16 autocast is the trainer's job).
 
-    The weights load straight onto `device` (`device_map`): each tensor is read from the safetensors file, cast
-    to fp32 and placed there, so a GPU run never holds a whole fp32 copy in host memory (6.9 GB at Qwen3-1.7B)
-    before moving it. On CPU this changes nothing: the same peak memory and the same weights, bit for bit."""
+    On a GPU with accelerate installed (the `real` extra has it) the weights load straight onto `device`
+    (`device_map`): each tensor is read from the safetensors file, cast to fp32 and placed there, so the run never
+    holds a whole fp32 copy in host memory (6.9 GB at Qwen3-1.7B) before moving it. transformers needs accelerate
+    for any `device_map`; without it, and on CPU (where there is nothing to move), the model loads on the host and
+    moves once: the same weights, bit for bit."""
     import torch  # heavy: imported on use
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: imported on use
 
@@ -201,7 +210,7 @@ def load_pretrained(
             str(path),
             dtype=torch.float32,
             use_safetensors=True,
-            device_map=device,
+            **placement_kwargs(device),
             **attention_kwargs(attn_implementation),
         )
     except (OSError, ValueError) as err:  # a missing or malformed config.json / tokenizer file
@@ -210,7 +219,7 @@ def load_pretrained(
     if tokenizer.pad_token is None:  # many base models ship without one; generation needs it
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return cast(Any, model), tokenizer
+    return cast(Any, model).to(device), tokenizer  # already there with device_map
 
 
 def load_policy(
