@@ -295,10 +295,10 @@ def test_a_failed_start_does_not_block_the_fix(tmp_path: Path, tiny_overrides: l
 def test_a_full_disk_is_one_line_and_the_rerun_resumes(
     tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import safetensors.torch
     import torch
     from safetensors.torch import load_file
 
+    from rlopt_cli.runtime import safetensors_stream
     from rlopt_cli.training.tracking import read_metrics
 
     sets = [x for o in tiny_overrides for x in ("--set", o)]
@@ -306,18 +306,19 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(
     straight = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
     assert straight.exit_code == 0, straight.output
 
-    real_save = safetensors.torch.save_file
+    # the trainer state is the checkpoint's biggest file, written one tensor at a time (safetensors_stream)
+    real_save = safetensors_stream.save_streamed
 
-    def full_at_step_2(tensors, filename, *rest, **kwargs):  # the disk fills up during the step-2 checkpoint
-        if "step-000002" in str(filename):
-            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
-        return real_save(tensors, filename, *rest, **kwargs)
+    def full_at_step_2(tensors, path, *rest, **kwargs):  # the disk fills up during the step-2 checkpoint
+        if "step-000002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(tensors, path, *rest, **kwargs)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_at_step_2)
+    monkeypatch.setattr(safetensors_stream, "save_streamed", full_at_step_2)
     line = one_line(runner.invoke(app, [*args, "--out", str(tmp_path / "b")]), 3)
     assert "No space left on device" in line and "rerun the same command to resume" in line
 
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)  # space freed
+    monkeypatch.setattr(safetensors_stream, "save_streamed", real_save)  # space freed
     resumed = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
     assert resumed.exit_code == 0, resumed.output
     name = "arithmetic__grpo__adamw__lr0.001__s0"
