@@ -22,22 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, verdict
+from benchmarks.common import REPO, WIDE_EMBEDDED, verdict
 from rlopt_cli.runtime.cpu_kernels import cpu_flags
 
 # Pinning may cost this much on a CPU where native is wider than avx2 (measured and explained in the README).
 MAX_RATIO = 1.10
-BIG = [
-    "model.hidden_size=256",
-    "model.intermediate_size=1024",
-    "model.num_layers=4",
-    "model.num_heads=4",
-    "model.warmup_steps=0",
-    "task.n_eval=16",
-    "train.eval_every=0",
-    "train.checkpoint_every=0",
-    "log.progress=false",
-]
+BIG = WIDE_EMBEDDED
 
 
 def rlopt(args: list[str], cache: Path) -> float:

@@ -24,19 +24,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import REPO, verdict
+from benchmarks.common import REPO, WIDE_EMBEDDED, verdict
 
 MAX_RATIO = 1.5  # 2 processes may cost at most half again the one-process step on CPU (a finding if missed)
 BIG = [
-    "model.hidden_size=256",
-    "model.intermediate_size=1024",
-    "model.num_layers=4",
-    "model.num_heads=4",
-    "model.warmup_steps=0",
-    "task.n_eval=16",
-    "train.eval_every=0",
-    "train.checkpoint_every=0",
-    "log.progress=false",
+    *WIDE_EMBEDDED,
     "rollout.seed_scope='prompt'",
     # a random model scores 0 everywhere: one process would skip every group's forward/backward, which a
     # sharded run cannot (its forwards are collective), so both sides forward every row

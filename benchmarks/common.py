@@ -17,6 +17,19 @@ from typing import Any
 from rlopt_cli.runtime.devices import peak_rss_bytes  # noqa: F401 (VmHWM: a spawned worker's own peak)
 
 REPO = Path(__file__).resolve().parent.parent
+# A width-256, 4-layer embedded model (4.2M parameters), random init, no eval or checkpoints in between: big enough
+# that a step's time is matmuls, not Python (bench_cpu_isa, bench_sharded)
+WIDE_EMBEDDED = [
+    "model.hidden_size=256",
+    "model.intermediate_size=1024",
+    "model.num_layers=4",
+    "model.num_heads=4",
+    "model.warmup_steps=0",
+    "task.n_eval=16",
+    "train.eval_every=0",
+    "train.checkpoint_every=0",
+    "log.progress=false",
+]
 RESULT_LINE = re.compile(r"^(?P<name>[\w./-]+): (?P<measured>.+), (?P<target>.+), (?P<verdict>PASS|MISS)$")
 
 
