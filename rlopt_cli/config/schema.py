@@ -409,7 +409,7 @@ class RolloutConfig:
     seed_scope: str = "batch"
     """Sampling randomness of a training step: 'batch', one generator per step (the original runs); 'prompt',
     one per (seed, step, prompt, sample), so completions do not depend on the batch's split over processes
-    (hf backend; required by `rlopt train --nproc N` with N > 1)."""
+    (required by `rlopt train --nproc N` with N > 1; vllm: each request seeded by its prompt's seed)."""
 
     def __post_init__(self) -> None:
         _choice(self.backend, ("hf", "vllm"), "rollout.backend")
@@ -419,8 +419,11 @@ class RolloutConfig:
         _choice(self.vllm_dtype, ("auto", "bfloat16", "float16", "float32"), "rollout.vllm_dtype")
         _positive(self.eval_batch_size, "rollout.eval_batch_size")
         _choice(self.seed_scope, ("batch", "prompt"), "rollout.seed_scope")
-        if self.seed_scope == "prompt" and self.backend != "hf":
-            raise RloptError("rollout.seed_scope = 'prompt' needs rollout.backend = 'hf'")
+        if self.seed_scope == "prompt" and self.backend == "vllm" and not self.vllm_request_seeds:
+            raise RloptError(
+                "rollout.seed_scope = 'prompt' seeds every vLLM request by its prompt: "
+                "it needs rollout.vllm_request_seeds = true"
+            )
 
 
 @dataclass(frozen=True)

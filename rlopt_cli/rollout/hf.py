@@ -186,3 +186,6 @@ class HFBackend:
 
     def sync_weights(self, model: Any) -> None:
         """Nothing to do: this backend samples with the live model."""
+
+    def close(self) -> None:
+        """Nothing to release: the model is the trainer's."""

@@ -42,11 +42,27 @@ def push_weights(llm: Any, model: Any, dtype: torch.dtype) -> None:
     """Load `model`'s weights into the engine: vLLM 0.32's in-place `reload_weights` on its in-process worker.
 
     Not the model's own `load_weights`: the CPU backend repacks linear weights, which that leaves empty.
-    Tensors are converted one at a time (a generator), so a GPU holds one extra tensor at most.
+    Tensors are converted one at a time (a generator), so a GPU holds one extra tensor at most. A sharded
+    model's DTensors are made whole one at a time too (`full_tensor`, a collective: every rank pushes at the
+    same moment, in the same order), in the engine's dtype, so no rank holds two copies of the model.
     """
-    weights = ((name, t.detach().to(dtype)) for name, t in model.state_dict().items())
+    weights = ((name, whole(t.detach().to(dtype))) for name, t in model.state_dict().items())
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full tensor of an FSDP2 shard (a DTensor); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def in_torchrun_world() -> bool:
+    """This process is a rank of a multi-process run whose process group is already up (rlopt's FSDP2 run)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def engine_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -56,13 +72,25 @@ def engine_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def save_policy(model: Any, tokenizer: Any, dtype: torch.dtype) -> str:
-    """The policy's current weights as a Hugging Face folder vLLM can start from; removed at exit."""
-    folder = tempfile.mkdtemp(prefix="rlopt-vllm-")
-    weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
-    mark_saved_dtype(Path(folder), str(dtype).removeprefix("torch."))
-    tokenizer.save_pretrained(folder)
+    """The policy's current weights as a Hugging Face folder vLLM can start from; removed at exit.
+
+    In a torchrun world (one host) rank 0 writes it and every rank's engine starts from it: transformers'
+    `save_pretrained` writes nothing on the other ranks once a process group is up."""
+    import torch.distributed as dist
+
+    shared = in_torchrun_world()
+    folder = ""
+    if not shared or dist.get_rank() == 0:
+        folder = tempfile.mkdtemp(prefix="rlopt-vllm-")
+        weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
+        state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        mark_saved_dtype(Path(folder), str(dtype).removeprefix("torch."))
+        tokenizer.save_pretrained(folder)
+    if shared:  # after rank 0 has written it
+        names = [folder]
+        dist.broadcast_object_list(names, src=0)
+        folder = names[0]
     return folder
 
 
@@ -100,6 +128,11 @@ class VLLMBackend:
             )
             if value
         }
+        # A rank of a sharded run: vLLM's torchrun mode. Its worker joins the process group the run already
+        # holds (vLLM's model-parallel groups are then one rank each: an engine per rank, generating alone) and
+        # takes its rank and device from torchrun's RANK and LOCAL_RANK; the default "uni" executor would call
+        # every rank rank 0 on device 0.
+        launcher = {"distributed_executor_backend": "external_launcher"} if in_torchrun_world() else {}
         with torch.random.fork_rng(
             devices=[]
         ):  # in-process vLLM reseeds torch's global RNG: keep the trainer's
@@ -111,6 +144,7 @@ class VLLMBackend:
                 generation_config="vllm",  # ignore the model's sampling defaults: sample the policy as it is
                 logprobs_mode="processed_logprobs",  # sampled tokens' log-probs after temperature, as sampled
                 enable_sleep_mode=self.sleep_mode,
+                **launcher,
                 **gpu,
                 **limits,
             )
@@ -119,7 +153,13 @@ class VLLMBackend:
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
     def generate(
-        self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int
+        self,
+        prompts: list[str],
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        prompt_seeds: list[int] | None = None,
     ) -> Rollout:
         self._wake()
         enc = encode_prompts(self.tokenizer, prompts, self.templated)
@@ -133,8 +173,7 @@ class VLLMBackend:
                 n=1 if greedy else n,
                 temperature=temperature,
                 max_tokens=max_new_tokens,
-                # child j of prompt i gets seed + i*n + j: every sample has its own stream
-                seed=seed + i * n if self.request_seeds else None,
+                seed=self._request_seed(seed, i, n, prompt_seeds),
                 stop_token_ids=[self.tokenizer.eos_token_id],
                 logprobs=None if greedy else 0,  # 0: the sampled token's log-prob only
             )
@@ -149,11 +188,22 @@ class VLLMBackend:
             samples = [s for s in samples for _ in range(n)]
         return to_rollout(samples, enc.input_ids, enc.attention_mask, n, self.tokenizer, self.device)
 
+    def _request_seed(self, seed: int, i: int, n: int, prompt_seeds: list[int] | None) -> int | None:
+        """Prompt i's seed; vLLM gives its child j that seed + j, so each sample has its own stream."""
+        if prompt_seeds is not None:  # wherever the prompt is sampled: in any batch, on any rank
+            return prompt_seeds[i] * n  # distinct prompt seeds: children s*n + j never collide
+        return seed + i * n if self.request_seeds else None
+
     def sync_weights(self, model: Any) -> None:
         """Push the new weights now, or at the next generate while the engine sleeps."""
         self.model = model
         if not self.asleep:
             push_weights(self.llm, model, self.dtype)
+
+    def close(self) -> None:
+        """Shut the engine down now. In a sharded run this must come before the run leaves its process group:
+        vLLM's shutdown destroys its groups (and the default one), which fails once they are gone."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
         """The engine's log-probs (temperature 1) of a fixed completion: checks that its weights are the policy's."""

@@ -113,6 +113,16 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [int(v) for v in t.tolist()]
 
+    def max_float(self, values: list[float]) -> list[float]:
+        """Elementwise max over ranks, in float64."""
+        if not self.sharded:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """Every rank's `local` (same shape on each) concatenated in rank order along dim 0: the global batch."""
         if not self.sharded:

@@ -7,7 +7,7 @@ SFT replaces the rollout and the surrogate with the NLL of the reference solutio
 
 Deliberate simplifications:
 - one process and one device, or one run sharded over several processes with FSDP2 under torchrun
-  (training/sharding.py: GRPO with hf rollouts; rank 0 writes the run folder); micro-batching gives gradient
+  (training/sharding.py: GRPO, hf or per-rank vLLM rollouts; rank 0 writes the run folder); micro-batching gives gradient
   accumulation for big batches;
 - a step is one generated batch: with num_iterations > 1 it holds that many optimizer updates;
 - prompts are drawn epoch by epoch from a seeded permutation; every step's sampling has its own seeded
@@ -126,19 +126,21 @@ def run_training(
     ref_model = None
     if cfg.train.objective == "grpo" and cfg.grpo.beta > 0:  # a frozen copy of the whole starting policy
         ref_model = Reference(model, reference_dtype(cfg.grpo.ref_dtype, device), cfg.grpo.ref_offload)
+    # before sharding: a vLLM engine (one per rank) starts from the whole weights every rank loaded
+    backend = make_backend(cfg.rollout.backend, model, tokenizer, cfg)
+    save = save_checkpoint
     if world.sharded:  # the reference in the same units: its no-grad pass all-gathers as the policy's does
         model = sharding.shard_model(model, device)
         if ref_model is not None:
             ref_model.model = sharding.shard_model(ref_model.model, device)
+        if cfg.rollout.backend == "hf":  # the sampler's ranks vote on when every row has finished
+            templated = uses_chat_template(tokenizer, cfg.task.chat_template)
+            backend = sharding.ShardedHFBackend(model, tokenizer, templated, agree=world.all_true)
+        # vllm: each rank's own engine generates alone; `sync_weights` gathers the shards into it
+        save = partial(sharding.save_checkpoint, world=world)  # checkpoints go through DCP
     model.train()
     opt = cfg.optimizer
     optimizer = build_optimizer(model.parameters(), opt.name, opt.lr, opt.weight_decay, opt.extra_args)
-    backend = make_backend(cfg.rollout.backend, model, tokenizer, cfg)
-    save = save_checkpoint
-    if world.sharded:  # the sampler's ranks vote on when every row has finished; checkpoints go through DCP
-        templated = uses_chat_template(tokenizer, cfg.task.chat_template)
-        backend = sharding.ShardedHFBackend(model, tokenizer, templated, agree=world.all_true)
-        save = partial(sharding.save_checkpoint, world=world)
     save_dtype = getattr(torch, cfg.train.save_dtype)
     config_toml = to_toml(cfg)
 
@@ -234,6 +236,7 @@ def run_training(
         update_meta(run_dir, finished=True)
         atomic_write_json(run_dir / "summary.json", summary)
     world.barrier()
+    backend.close()  # a vLLM engine goes before the process group does
 
 
 def grpo_step(
@@ -402,11 +405,8 @@ def grpo_step(
 
     grouped = rewards.view(-1, g.num_generations)  # [B/G, G]
     measured = {} if before is None else {"train/update_norm": step_norm(model, before)}
-    if gaps and (gap := torch.cat(gaps)).numel():  # over the rows that carried a gradient
-        measured |= {
-            "train/sampler_logp_gap": float(gap.mean()),
-            "train/sampler_logp_gap_max": float(gap.max()),
-        }
+    if rollout.sampler_logps is not None:  # over the rows that carried a gradient, on every rank
+        measured |= sharding.gap_metrics(gaps, world)
     # sums over every rank's micro-batches (one process: these very sums)
     loss_sum, kl_sum, clip_sum, micro_count = world.sum([sum(losses), sum(kls), sum(clips), len(kls)])
     lengths = world.gather(rollout.completion_mask.sum(1))  # [B]

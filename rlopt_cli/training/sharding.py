@@ -54,14 +54,8 @@ def check_sharded(cfg: RunConfig, nproc: int) -> None:
     if nproc == 1:
         return
     g = cfg.grpo
-    backend = cfg.rollout.backend
     why = [  # (refused, why), checked in this order
         (cfg.train.objective != "grpo", "train.objective = 'sft' runs in one process for now; drop --nproc"),
-        (
-            backend != "hf",
-            f"rollout.backend = {backend!r} cannot run sharded (vLLM under torchrun is out of scope for now); "
-            "use rollout.backend='hf' or drop --nproc",
-        ),
         (
             cfg.rollout.seed_scope != "prompt",
             "a sharded run needs rollout.seed_scope='prompt' (sampling seeded per prompt, so the completions "
@@ -213,6 +207,18 @@ def evaluate_split(backend: Backend, tokenizer: Any, task: Task, cfg: RunConfig,
         real = max(0, min(len(chunk), len(mine) - start))
         correct += sum(task.rewards(greedy.texts[:real], chunk[:real]))
     return world.sum([correct])[0] / len(examples)
+
+
+def gap_metrics(gaps: list[torch.Tensor], world: World) -> dict[str, float]:
+    """Mean and max of |trainer - sampler| log-prob over every rank's gradient-carrying tokens (none: no row).
+
+    A collective: every rank calls it, whether or not its own rows carried a gradient."""
+    gap = torch.cat(gaps).double() if gaps else torch.zeros(0, dtype=torch.float64)  # [T] this rank's tokens
+    total, count = world.sum([float(gap.sum()), float(gap.numel())])
+    (top,) = world.max_float([float(gap.max()) if gap.numel() else 0.0])  # gaps are >= 0
+    if count == 0:
+        return {}
+    return {"train/sampler_logp_gap": total / count, "train/sampler_logp_gap_max": top}
 
 
 def pad_prompts(rollout: Rollout, world: World, pad_id: int) -> Rollout:
