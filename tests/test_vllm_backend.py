@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -273,6 +274,25 @@ def test_greedy_matches_hf_in_the_same_layout(engines: tuple[Any, Any, Any]) -> 
     assert ours.texts == ref.texts
 
 
+def test_prompt_seeds_make_a_prompts_samples_independent_of_its_batch(engines: tuple[Any, Any, Any]) -> None:
+    """rollout.seed_scope = 'prompt': each request is seeded by its prompt's seed, so a sharded run's ranks, each
+    sampling its share of the prompts, draw what one process draws for the whole batch."""
+    vllm_backend, _, _ = engines
+    prompts, seeds = ["1+2=", "7+8=", "9+9=", "3+4="], [11, 12, 13, 14]
+
+    def draw(ps: list[str], ss: list[int]) -> list[str]:
+        return vllm_backend.generate(ps, 4, 6, 1.0, seed=0, prompt_seeds=ss).texts
+
+    whole = draw(prompts, seeds)
+    assert draw(prompts[:2], seeds[:2]) + draw(prompts[2:], seeds[2:]) == whole  # split as over 2 processes
+    assert draw(prompts[::-1], seeds[::-1]) == [t for i in (3, 2, 1, 0) for t in whole[4 * i : 4 * i + 4]]
+    assert len(set(whole)) > 4  # the draws are random, not all alike
+    assert draw(prompts, [s + 100 for s in seeds]) != whole
+    # consecutive prompt seeds (the loop's) give disjoint sample seeds: prompt 11's samples are not 12's, shifted
+    same = vllm_backend.generate(["1+2=", "1+2="], 4, 6, 1.0, seed=0, prompt_seeds=[11, 12]).texts
+    assert same[1:4] != same[4:7]
+
+
 def test_sampling_layout_seeds_and_masks(engines: tuple[Any, Any, Any]) -> None:
     vllm_backend, _, _ = engines
     tokenizer = vllm_backend.tokenizer
@@ -345,3 +365,74 @@ def test_sync_weights_updates_the_engine(engines: tuple[Any, Any, Any]) -> None:
     after = vllm_backend.score(prompt_ids, completion_ids)
     assert after == pytest.approx(trainer_logprobs(model, prompt_ids, completion_ids), abs=1e-4)
     assert after != pytest.approx(before, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a sharded run: one engine per rank under torchrun
+
+
+def launch(overrides: list[str], out: Path, nproc: int) -> subprocess.CompletedProcess:
+    """`rlopt train --nproc N` as a user runs it, in a fresh interpreter (one in-process engine each)."""
+    args = [a for o in overrides for a in ("--set", o)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "rlopt_cli.cli", "train", "--nproc", str(nproc), "--out", str(out), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+# The warmed tiny model (tests/conftest.py), so rewards vary and every step has a gradient; SGD with momentum, as
+# in tests/test_sharded.py (a step linear in the gradient keeps fp32 summation-order noise small).
+SHARDED = [
+    "rollout.backend=vllm",
+    "rollout.seed_scope='prompt'",
+    "optimizer.momentum=0.9",
+    "grpo.micro_batch_size=4",  # one process: 2 micro-batches; two: one per rank
+    "train.steps=3",
+    "train.eval_every=3",
+    "train.checkpoint_every=3",
+    "train.run_name=run",
+]
+EXACT = (
+    "train/reward_mean",
+    "train/reward_std",
+    "train/frac_reward_zero_std",
+    "train/completion_len",
+    "train/truncated_frac",
+    "eval/accuracy",
+)
+
+
+@pytest.mark.slow
+def test_two_processes_with_an_engine_each_equal_one(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    """`rlopt train --nproc 2 --set rollout.backend=vllm`: each rank's engine samples its two prompts (seeded per
+    prompt) and evaluates its half of the eval split; after every step the FSDP shards are gathered, a parameter
+    at a time, into each engine. The completions then equal the one-process run's, so rewards, lengths and eval
+    accuracy are equal exactly; the gradient is the same sum in another order (measured: grad norms equal to the
+    printed digit, losses within 6e-9 absolute, on losses of about 1e-8; so the tolerances of test_sharded.py),
+    and the bf16 checkpoints round alike (measured: all weights). About 1 + 2 minutes on 2 shared cores."""
+    overrides = [*tiny_overrides, *SHARDED]
+    one = launch(overrides, tmp_path / "one", 1)  # also warms the session's cache for the ranks
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch(overrides, tmp_path / "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "Traceback" not in two.stderr  # the engines shut down before the process group goes
+    from rlopt_cli.training.tracking import read_metrics
+
+    a, b = read_metrics(tmp_path / "one/run"), read_metrics(tmp_path / "two/run")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        for key in EXACT:
+            assert ra.get(key) == rb.get(key), (ra["step"], key)
+        if ra["step"] > 0:
+            assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5, abs=1e-7)
+            assert rb["train/grad_norm"] == pytest.approx(ra["train/grad_norm"], rel=1e-5)
+            # the engine's log-probs against the trainer's, over the same tokens (fp32 both): ~1e-7 measured
+            assert 0 <= rb["train/sampler_logp_gap"] <= rb["train/sampler_logp_gap_max"] < 1e-4
+    assert sum(r["train/grad_norm"] > 0 for r in a[1:]) >= 2  # the policy moved: the engines had to follow
+    assert 0 < a[-1]["eval/accuracy"] < 1
+    from safetensors.torch import load_file
+
+    x = load_file(tmp_path / "one/run/checkpoints/step-000003/model.safetensors")
+    y = load_file(tmp_path / "two/run/checkpoints/step-000003/model.safetensors")
+    equal = sum(int((x[k].view(torch.int16) == y[k].view(torch.int16)).sum()) for k in x)
+    assert equal / sum(v.numel() for v in x.values()) > 0.999
+    assert json.loads((tmp_path / "two/run/meta.json").read_text())["world_size"] == 2

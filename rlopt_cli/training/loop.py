@@ -7,8 +7,8 @@ SFT replaces the rollout and the surrogate with the NLL of the reference solutio
 
 Deliberate simplifications:
 - one process and one device, or one run sharded over several processes with FSDP2 under torchrun
-  (training/sharding.py: GRPO, hf or per-rank vLLM rollouts; rank 0 writes the run folder); micro-batching gives gradient
-  accumulation for big batches;
+  (training/sharding.py: GRPO, hf rollouts or a vLLM engine per rank; rank 0 writes the run folder);
+  micro-batching gives gradient accumulation for big batches;
 - a step is one generated batch: with num_iterations > 1 it holds that many optimizer updates;
 - prompts are drawn epoch by epoch from a seeded permutation; every step's sampling has its own seeded
   generator, so a resumed run draws exactly what an uninterrupted one would;
@@ -292,6 +292,7 @@ def grpo_step(
     carries = advantages.view(-1, g.num_generations).ne(0).any(1).repeat_interleave(g.num_generations)  # [b]
     if g.beta > 0 or not g.skip_zero_advantage:
         carries = torch.ones_like(carries)
+    carried = carries.clone()  # [b] the same rows on any number of processes (a rank may forward more, below)
     # Fixed-size micro-batches, or whole groups packed under a token budget (grpo.micro_batch_tokens; one
     # process only, so every rank's micro-batches are the same consecutive row ranges).
     micro_rows = grpo.micro_batch_rows(
@@ -370,7 +371,8 @@ def grpo_step(
             token_loss = token.loss  # [b, L]
             if rollout.sampler_logps is not None:
                 if iteration == 0:
-                    gaps.append((sampling - rollout.sampler_logps[rows]).abs()[mask[rows].bool()])
+                    kept = mask[rows].bool() & carried[rows].unsqueeze(1)  # [b_i, L]
+                    gaps.append((sampling - rollout.sampler_logps[rows]).abs()[kept])
                 if g.sampler_correction != "none":
                     token_loss = token_loss * grpo.sampler_weights(
                         sampling,
@@ -409,6 +411,7 @@ def grpo_step(
         measured |= sharding.gap_metrics(gaps, world)
     # sums over every rank's micro-batches (one process: these very sums)
     loss_sum, kl_sum, clip_sum, micro_count = world.sum([sum(losses), sum(kls), sum(clips), len(kls)])
+    (forwarded,) = world.sum([float(carries.sum())])
     lengths = world.gather(rollout.completion_mask.sum(1))  # [B]
     truncated = world.gather(rollout.truncated.to(torch.uint8)).bool()  # [B]
     return measured | {
@@ -420,7 +423,7 @@ def grpo_step(
         "train/clip_frac": clip_sum / micro_count,
         "train/completion_len": float(lengths.float().mean()),
         "train/truncated_frac": float(truncated.float().mean()),
-        "train/skipped_frac": 1.0 - float(carries.float().mean()),
+        "train/skipped_frac": 1.0 - forwarded / g.batch_size,
         "train/grad_norm": grad_norms[0],
         "train/clip_active": float(grad_norms[0] > cfg.optimizer.max_grad_norm > 0),
         "train/nonfinite_skipped": float(sum(not math.isfinite(n) for n in grad_norms)),
