@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -183,10 +184,7 @@ PROMPT = ["--set", "rollout.seed_scope='prompt'"]
     [
         (["--nproc", "2"], "needs rollout.seed_scope='prompt'"),
         (["--nproc", "3", *PROMPT], "--nproc 3 must divide the prompts per step (grpo.batch_size"),
-        (
-            ["--nproc", "2", "--set", "rollout.backend='vllm'"],
-            "cannot run sharded (vLLM under torchrun is out",
-        ),
+        (["--nproc", "2", "--set", "rollout.backend='vllm'"], "needs rollout.seed_scope='prompt'"),
         (["--nproc", "0"], "--nproc = 0 must be >= 1"),
         (
             ["--nproc", "2", *PROMPT, "--set", "grpo.beta=0.04", "--set", "grpo.ref_offload=true"],
@@ -194,7 +192,10 @@ PROMPT = ["--set", "rollout.seed_scope='prompt'"]
         ),
         (["--nproc", "2", *PROMPT, "--set", "grpo.micro_batch_tokens=64"], "use grpo.micro_batch_size with"),
         (["--nproc", "2", *PROMPT, "--objective", "sft"], "runs in one process for now"),
-        (["--set", "rollout.backend='vllm'", *PROMPT], "rollout.seed_scope = 'prompt' needs rollout.backend"),
+        (
+            ["--set", "rollout.backend='vllm'", "--set", "rollout.vllm_request_seeds=false", *PROMPT],
+            "it needs rollout.vllm_request_seeds = true",
+        ),
     ],
 )
 def test_sharded_bad_input_fails_before_any_process_starts(
@@ -214,10 +215,17 @@ def test_more_processes_than_gpus(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_the_8b_recipes_say_why_they_do_not_run_sharded_yet(optimizer: str) -> None:
-    """The paper's 8B recipes carry its flags (vLLM rollouts, a KL term): `--nproc 4` refuses them in one line,
-    before any process starts, naming the first piece that is not sharded yet."""
-    recipe = f"recipes/paper/qwen3_8b_math_grpo_{optimizer}.toml"
-    result = CliRunner().invoke(app, ["train", "--nproc", "4", "--recipe", recipe])
-    assert result.exit_code == 2
-    assert "rollout.backend = 'vllm' cannot run sharded" in result.output
+def test_the_8b_recipes_pass_the_sharded_checks(optimizer: str) -> None:
+    """The paper's 8B recipes carry its flags (vLLM rollouts in sleep mode, a KL term): `--nproc 4` takes them,
+    one vLLM engine per rank; on a host without 4 GPUs only the device count stops them."""
+    from rlopt_cli.errors import RloptError
+    from rlopt_cli.training.sharding import check_sharded
+
+    cfg = load_config(f"recipes/paper/qwen3_8b_math_grpo_{optimizer}.toml", [])
+    assert cfg.rollout.backend == "vllm" and cfg.rollout.vllm_sleep_mode and cfg.grpo.beta > 0
+    if torch.cuda.device_count() >= 4:
+        check_sharded(cfg, 4)
+    else:
+        with pytest.raises(RloptError, match="--nproc 4 but this host has"):
+            check_sharded(cfg, 4)
+    check_sharded(replace(cfg, train=replace(cfg.train, device="cpu")), 4)  # every other check passes
