@@ -74,19 +74,27 @@ def engine_dtype(name: str, device: torch.device) -> torch.dtype:
 def save_policy(model: Any, tokenizer: Any, dtype: torch.dtype) -> str:
     """The policy's current weights as a Hugging Face folder vLLM can start from; removed at exit.
 
-    In a torchrun world (one host) rank 0 writes it and every rank's engine starts from it: transformers'
-    `save_pretrained` writes nothing on the other ranks once a process group is up."""
+    Sharded (a torchrun world on one host): every rank gathers the weights one parameter at a time, in the
+    engine's dtype; rank 0 keeps them in host memory and writes the one folder every rank's engine starts from
+    (transformers' `save_pretrained` writes nothing on the other ranks once a process group is up)."""
     import torch.distributed as dist
 
     shared = in_torchrun_world()
+    lead = not shared or dist.get_rank() == 0
+    state = {}
+    for name, tensor in model.state_dict().items():
+        full = whole(tensor.detach().to(dtype))  # sharded: a collective, in the same order on every rank
+        if lead:
+            state[name] = full.cpu() if shared else full.contiguous()
+        del full
     folder = ""
-    if not shared or dist.get_rank() == 0:
+    if lead:
         folder = tempfile.mkdtemp(prefix="rlopt-vllm-")
         weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
-        state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
         model.save_pretrained(folder, state_dict=state, safe_serialization=True)
         mark_saved_dtype(Path(folder), str(dtype).removeprefix("torch."))
         tokenizer.save_pretrained(folder)
+    del state
     if shared:  # after rank 0 has written it
         names = [folder]
         dist.broadcast_object_list(names, src=0)

@@ -126,21 +126,22 @@ def run_training(
     ref_model = None
     if cfg.train.objective == "grpo" and cfg.grpo.beta > 0:  # a frozen copy of the whole starting policy
         ref_model = Reference(model, reference_dtype(cfg.grpo.ref_dtype, device), cfg.grpo.ref_offload)
-    # before sharding: a vLLM engine (one per rank) starts from the whole weights every rank loaded
-    backend = make_backend(cfg.rollout.backend, model, tokenizer, cfg)
-    save = save_checkpoint
     if world.sharded:  # the reference in the same units: its no-grad pass all-gathers as the policy's does
         model = sharding.shard_model(model, device)
         if ref_model is not None:
             ref_model.model = sharding.shard_model(ref_model.model, device)
-        if cfg.rollout.backend == "hf":  # the sampler's ranks vote on when every row has finished
-            templated = uses_chat_template(tokenizer, cfg.task.chat_template)
-            backend = sharding.ShardedHFBackend(model, tokenizer, templated, agree=world.all_true)
-        # vllm: each rank's own engine generates alone; `sync_weights` gathers the shards into it
-        save = partial(sharding.save_checkpoint, world=world)  # checkpoints go through DCP
     model.train()
     opt = cfg.optimizer
     optimizer = build_optimizer(model.parameters(), opt.name, opt.lr, opt.weight_decay, opt.extra_args)
+    # sharded, a vLLM engine per rank starts from the gathered weights (after sharding: the whole model and the
+    # engine's share of the device are never held at once); each generates alone, `sync_weights` gathers again
+    backend = make_backend(cfg.rollout.backend, model, tokenizer, cfg)
+    save = save_checkpoint
+    if world.sharded:  # checkpoints go through DCP
+        save = partial(sharding.save_checkpoint, world=world)
+        if cfg.rollout.backend == "hf":  # the sampler's ranks vote on when every row has finished
+            templated = uses_chat_template(tokenizer, cfg.task.chat_template)
+            backend = sharding.ShardedHFBackend(model, tokenizer, templated, agree=world.all_true)
     save_dtype = getattr(torch, cfg.train.save_dtype)
     config_toml = to_toml(cfg)
 
