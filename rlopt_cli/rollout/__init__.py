@@ -1,9 +1,9 @@
 """Generation backends behind one small interface.
 
 A backend turns prompts into a `Rollout` (token ids, masks, decoded text) and follows the policy's weights:
-`generate(prompts, n, max_new_tokens, temperature, seed)` and `sync_weights(model)`. `hf` samples with the
-live transformers model (batched, KV cache, explicit seeded generator); `vllm` is an optional extra, imported
-only when chosen.
+`generate(prompts, n, max_new_tokens, temperature, seed, prompt_seeds=None)`, `sync_weights(model)`, and
+`close()` at the end of a run. `hf` samples with the live transformers model (batched, KV cache, explicit seeded
+generator); `vllm` is an optional extra, imported only when chosen.
 """
 
 from __future__ import annotations

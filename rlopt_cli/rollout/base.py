@@ -36,7 +36,13 @@ class Rollout:
 
 class Backend(Protocol):
     def generate(
-        self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, seed: int
+        self,
+        prompts: list[str],
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        prompt_seeds: list[int] | None = None,
     ) -> Rollout: ...
 
     def sync_weights(self, model: Any) -> None: ...

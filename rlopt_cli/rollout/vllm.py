@@ -14,9 +14,17 @@ The engine also returns each sampled token's log-prob after temperature (`logpro
 the distribution it sampled from), so the trainer can measure, and correct for, how far the engine's numbers
 (bf16, its own kernels) are from its own (`Rollout.sampler_logps`, grpo.sampler_correction).
 
-Simplifications: one engine per process (in-process vLLM cannot start a second); no tensor parallelism; sleep
-mode (CUDA only) discards the engine's weights and KV cache after each generate and reloads the policy's weights
-before the next one.
+In a sharded run (`rlopt train --nproc N`, training/sharding.py) every rank runs its own engine in vLLM's
+torchrun mode (`distributed_executor_backend="external_launcher"`): the worker joins the process group the run
+already holds, its model-parallel groups are one rank each, and it takes its rank and GPU from RANK and
+LOCAL_RANK. Rank 0 writes the starting folder for all; weight pushes gather the FSDP shards one parameter at a
+time (a collective: every rank pushes at the same moment); with `prompt_seeds` each request is seeded by its
+prompt, so a prompt draws the same completions on whichever rank, in whichever batch, samples it. `close` shuts
+the engine down before the run leaves its process group.
+
+Simplifications: one engine per process (in-process vLLM cannot start a second); no tensor parallelism; one host
+(rank 0's temporary folder must be visible to every rank); sleep mode (CUDA only) discards the engine's weights
+and KV cache after each generate and reloads the policy's weights before the next one.
 """
 
 from __future__ import annotations

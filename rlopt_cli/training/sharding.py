@@ -14,11 +14,18 @@ How a sharded run stays the single-process run (rlopt_cli/training/loop.py):
   ranks (same route, same chunking everywhere), and a micro-batch whose groups all have zero advantage is
   skipped only when it is so on every rank (else the rank forwards it whole: zero-advantage rows add exactly 0).
 
-Deliberate simplifications (refused with a one-line error, `check_sharded`): GRPO only (no SFT), hf rollouts
-only, no probe, no update-norm logging, no token-budget micro-batches; the KL reference (beta > 0) is sharded like
-the policy, in the same units, and stays on the device (no `grpo.ref_offload`). Evaluation is split by rank and the
-correct counts summed. The in-training update sparsity gathers one full parameter at a time on every rank.
-`optim/state_bytes` needs nothing: a DTensor's numel is its global size, so every rank counts the whole run's.
+Rollouts: the hf sampler on the sharded model (`ShardedHFBackend`), or a colocated vLLM engine per rank
+(rlopt_cli/rollout/vllm.py, vLLM's torchrun mode `external_launcher`, tensor parallelism 1): each engine samples
+its rank's prompts alone, every request seeded by its prompt's seed; it starts from weights gathered after
+sharding, and after every optimizer step (and a resume) the shards are gathered one parameter at a time
+(`DTensor.full_tensor`) and pushed into every engine, so no rank holds two copies of the model.
+
+Deliberate simplifications (refused with a one-line error, `check_sharded`): GRPO only (no SFT), no probe, no
+update-norm logging, no token-budget micro-batches; the KL reference (beta > 0) is sharded like the policy, in the
+same units, and stays on the device (no `grpo.ref_offload`). Evaluation is split by rank and the correct counts
+summed. The in-training update sparsity gathers one full parameter at a time on every rank. `optim/state_bytes`
+needs nothing: a DTensor's numel is its global size, so every rank counts the whole run's. The sampler log-prob
+gap is taken over every rank's gradient-carrying tokens; `train/skipped_frac` counts the rows no rank forwarded.
 """
 
 from __future__ import annotations
