@@ -108,6 +108,9 @@ def test_two_processes_equal_one_and_resume_on_any_count(tmp_path: Path, tiny_ov
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(one, two)
     assert json.loads((two / "meta.json").read_text())["world_size"] == 2
+    for row in read_metrics(two)[1:]:  # each rank holds its half of the momentum, give or take a row
+        total, per_rank = row["optim/state_bytes"], row["optim/state_bytes_rank_max"]
+        assert total / 2 <= per_rank < 0.55 * total
     # the paper study's analysis reads the sharded trainer state as it reads the one-process one
     from rlopt_cli.study.paper_analysis import weight_update
 

@@ -209,7 +209,7 @@ def run_training(
             row["time/step_s"] = time.perf_counter() - t0
             if (probed := row.pop("probe", None)) is not None:
                 row |= write_probe(run_dir, step, probed)
-            row |= optimizer_metrics(optimizer)
+            row |= optimizer_metrics(optimizer, world)
             if due(step, cfg.train.eval_every, cfg.train.steps):
                 t_eval = time.perf_counter()
                 row |= run_eval()
@@ -511,10 +511,12 @@ def clip_and_step(model: Any, optimizer: Any, max_norm: float, probe: bool = Fal
     return float(norm), snapshot.after_step() if snapshot else None
 
 
-def optimizer_metrics(optimizer: Any) -> dict[str, float]:
+def optimizer_metrics(optimizer: Any, world: World = World()) -> dict[str, float]:
     held = state_bytes(optimizer)  # sharded: DTensor state counts at its global size, the whole run's
     row = {"optim/lr": optimizer.param_groups[0]["lr"], "optim/state_bytes": float(held.pop("total"))}
     row |= {f"optim/state_bytes/{k}": float(v) for k, v in held.items()}
+    if world.sharded:  # what one device holds: the largest rank's shards (dim-0 shards may be uneven)
+        row["optim/state_bytes_rank_max"] = float(world.max([state_bytes(optimizer, local=True)["total"]])[0])
     return row
 
 
