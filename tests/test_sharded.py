@@ -138,6 +138,51 @@ def test_two_processes_with_a_sharded_kl_reference_equal_one(
         assert k2 == pytest.approx(k1, rel=1e-4, abs=1e-9)
 
 
+SFT = [
+    "train.objective='sft'",
+    "sft.batch_size=8",
+    "sft.micro_batch_size=4",  # one process: 2 micro-batches; two: one per rank
+    "optimizer.momentum=0.9",
+    "train.steps=4",
+    "train.run_name=run",
+]
+
+
+@pytest.mark.slow
+def test_sft_on_two_processes_equals_one_and_resumes_after_one_rank_is_killed(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """Rank 1 alone is kill -9ed inside checkpoint 4's DCP save, its shard written, while rank 0 waits there for
+    it: torchrun tears rank 0 down, the run exits in one line, checkpoint 4 stays a .tmp folder that no resume
+    reads, and the rerun resumes from checkpoint 2 to the uninterrupted one-process run."""
+    overrides = [*tiny_overrides, *SFT]
+    one = trainer.train(load_config(None, overrides), tmp_path / "one", quiet)
+
+    killed = launch(overrides, tmp_path / "two", 2, kill_at="shard-4@rank1")
+    assert killed.returncode == 2, killed.stderr[-3000:]
+    assert killed.stderr.splitlines()[-1] == (
+        "error: a rank of the 2-process run failed (torchrun exit 1); see its error above"
+    )
+    two = tmp_path / "two" / "run"
+    ckpts = sorted(p.name for p in (two / "checkpoints").iterdir())
+    assert ckpts == ["step-000000", "step-000002", "step-000004.tmp"]  # 4 never renamed: not whole
+    half = two / "checkpoints/step-000004.tmp"
+    assert len(list((half / "trainer_state").glob("*.distcp"))) == 2  # both shards written, and yet:
+    assert not (half / "trainer_state/.metadata").exists() and not (half / "trainer_state.json").exists()
+    assert [r["step"] for r in read_metrics(two)] == [0, 1, 2, 3, 4]  # rank 0 logged step 4 before the save
+    assert not (two / "summary.json").exists()
+
+    resumed = launch(overrides, tmp_path / "two", 2)  # the lock died with rank 0: the rerun takes the folder
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming run from step 2" in resumed.stderr
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == [
+        "step-000000",
+        "step-000002",
+        "step-000004",
+    ]
+    assert_same_run(one, two)
+
+
 def test_prompt_seed_scope_ignores_the_batch_around_a_prompt(tiny_overrides: list[str]) -> None:
     from rlopt_cli.models.loading import load_policy
     from rlopt_cli.rollout.hf import HFBackend
@@ -193,7 +238,14 @@ PROMPT = ["--set", "rollout.seed_scope='prompt'"]
             "grpo.ref_offload moves a whole reference model",
         ),
         (["--nproc", "2", *PROMPT, "--set", "grpo.micro_batch_tokens=64"], "use grpo.micro_batch_size with"),
-        (["--nproc", "2", *PROMPT, "--objective", "sft"], "runs in one process for now"),
+        (
+            ["--nproc", "3", "--objective", "sft"],
+            "--nproc 3 must divide the examples per step (sft.batch_size",
+        ),
+        (
+            ["--nproc", "2", "--objective", "sft", "--set", "sft.micro_batch_size=64"],
+            "sft.micro_batch_size = 64 must divide each process's 32 examples",
+        ),
         (["--set", "rollout.backend='vllm'", *PROMPT], "rollout.seed_scope = 'prompt' needs rollout.backend"),
     ],
 )
