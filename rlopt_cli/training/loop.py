@@ -7,8 +7,8 @@ SFT replaces the rollout and the surrogate with the NLL of the reference solutio
 
 Deliberate simplifications:
 - one process and one device, or one run sharded over several processes with FSDP2 under torchrun
-  (training/sharding.py: GRPO with hf rollouts; rank 0 writes the run folder); micro-batching gives gradient
-  accumulation for big batches;
+  (training/sharding.py: GRPO or SFT, with hf rollouts; rank 0 writes the run folder); micro-batching gives
+  gradient accumulation for big batches;
 - a step is one generated batch: with num_iterations > 1 it holds that many optimizer updates;
 - prompts are drawn epoch by epoch from a seeded permutation; every step's sampling has its own seeded
   generator, so a resumed run draws exactly what an uninterrupted one would;

@@ -12,10 +12,13 @@ How a sharded run stays the single-process run (rlopt_cli/training/loop.py):
 - under FSDP every forward all-gathers: ranks must run the same forwards, so the sampler runs until every
   rank's rows finished (`World.all_true`), the log-prob pass trims each micro-batch to columns agreed by all
   ranks (same route, same chunking everywhere), and a micro-batch whose groups all have zero advantage is
-  skipped only when it is so on every rank (else the rank forwards it whole: zero-advantage rows add exactly 0).
+  skipped only when it is so on every rank (else the rank forwards it whole: zero-advantage rows add exactly 0);
+- SFT: every rank trains on its contiguous share of the step's examples, its summed NLL divided by the token
+  count of the whole step (summed over ranks), in as many micro-batches as every other rank (`check_sharded`);
+  SFT's log-prob pass is one decoder and one lm_head call per micro-batch whatever its shape, so ranks may pad
+  their shares to their own widths. The embedded model's warm-up (an SFT run itself) stays one process.
 
-Deliberate simplifications (refused with a one-line error, `check_sharded`): GRPO only (no SFT), hf rollouts
-only, no probe, no update-norm logging, no token-budget micro-batches; the KL reference (beta > 0) is sharded like
+Deliberate simplifications (refused with a one-line error, `check_sharded`): hf rollouts only, no probe, no update-norm logging, no token-budget micro-batches; the KL reference (beta > 0) is sharded like
 the policy, in the same units, and stays on the device (no `grpo.ref_offload`). Evaluation is split by rank and the
 correct counts summed. The in-training update sparsity gathers one full parameter at a time on every rank.
 `optim/state_bytes` needs nothing: a DTensor's numel is its global size, so every rank counts the whole run's.
