@@ -18,10 +18,10 @@ How a sharded run stays the single-process run (rlopt_cli/training/loop.py):
   SFT's log-prob pass is one decoder and one lm_head call per micro-batch whatever its shape, so ranks may pad
   their shares to their own widths. The embedded model's warm-up (an SFT run itself) stays one process.
 
-Deliberate simplifications (refused with a one-line error, `check_sharded`): hf rollouts only, no probe, no update-
-norm logging, no token-budget micro-batches; the KL reference (beta > 0) is sharded like the policy, in the same
-units, and stays on the device (no `grpo.ref_offload`). Evaluation is split by rank and the correct counts summed.
-The in-training update sparsity gathers one full parameter at a time on every rank.
+Deliberate simplifications (refused with a one-line error, `check_sharded`): hf rollouts only, no probe, no
+update-norm logging, no token-budget micro-batches; the KL reference (beta > 0) is sharded like the policy, in the
+same units, and stays on the device (no `grpo.ref_offload`). Evaluation is split by rank and the correct counts
+summed. The in-training update sparsity gathers one full parameter at a time on every rank.
 `optim/state_bytes` needs nothing: a DTensor's numel is its global size, so every rank counts the whole run's.
 """
 
