@@ -116,6 +116,13 @@ def test_two_processes_equal_one_and_resume_on_any_count(tmp_path: Path, tiny_ov
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(one, two)
     assert json.loads((two / "meta.json").read_text())["world_size"] == 2
+    # the paper study's analysis reads the sharded trainer state as it reads the one-process one
+    from rlopt_cli.study.paper_analysis import weight_update
+
+    whole, sharded = weight_update(one), weight_update(two)
+    assert sharded.n == whole.n > 0
+    assert sharded.update_l2 == pytest.approx(whole.update_l2, rel=1e-5) and whole.update_l2 > 0
+    assert sharded.changed_bf16 == pytest.approx(whole.changed_bf16, abs=1e-3)
     # 1 process from the 2 processes' DCP shards, and 2 processes from a 1-process checkpoint
     assert_same_run(one, trainer.train(cfg, tmp_path / "two-then-one", quiet))
     resumed = launch(overrides, tmp_path / "one-then-two", 2)

@@ -43,12 +43,12 @@ from rlopt_cli.errors import RloptError
 from rlopt_cli.models.loading import mark_saved_dtype, render_prompts
 from rlopt_cli.rollout import Backend, Rollout
 from rlopt_cli.rollout.hf import HFBackend
+from rlopt_cli.runtime.atomic_files import fsync_dir, fsync_tree
 from rlopt_cli.runtime.distributed import World
 from rlopt_cli.runtime.kill_points import kill_point
 from rlopt_cli.tasks import Task
-from rlopt_cli.training.checkpoint import step_dir
-
-DCP_DIR = "trainer_state"  # DCP's folder inside a checkpoint: one file per rank plus its .metadata
+from rlopt_cli.training.checkpoint import export_weights, step_dir
+from rlopt_cli.training.trainer_state import DCP_DIR, SafeLoadPlanner, is_dcp
 
 
 def check_sharded(cfg: RunConfig, nproc: int) -> None:
@@ -281,8 +281,10 @@ def save_checkpoint(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
     if world.lead:  # the other ranks' `full` is empty: cpu_offload gathers to rank 0 only
-        dtype = getattr(torch, save_dtype)
-        export = {k: v.detach().to(dtype).contiguous() for k, v in full.items()}
+        # the gathered state dict holds a copy per name of a tied parameter: made one tensor again, the export
+        # writes it once, as the one-process export does
+        full |= {name: full[first] for name, first in tied_names(model).items() if name in full}
+        export = export_weights(full, getattr(torch, save_dtype))
         model.save_pretrained(tmp, state_dict=export, safe_serialization=True, max_shard_size="5GB")
         mark_saved_dtype(tmp, save_dtype)
         tokenizer.save_pretrained(tmp)
@@ -294,6 +296,8 @@ def save_checkpoint(
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
     state["rng"] = torch.get_rng_state()
+    # every rank writes its shard file and fsyncs it (FileSystemWriter's sync_files); DCP's last collective
+    # writes the metadata once every shard is written
     shards = str(tmp / DCP_DIR)
     dcp.save(
         state, checkpoint_id=shards, storage_writer=shard_writer(shards, step), no_dist=not world.sharded
@@ -301,11 +305,14 @@ def save_checkpoint(
     if world.lead:
         info = {"step": step, "save_dtype": save_dtype, "format": "dcp", "world_size": world.size}
         info["has_optimizer"] = optimizer is not None
+        info["tied"] = tied_names(model)  # DCP holds a tied weight under each name; readers count it once
         (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2) + "\n")
+        fsync_tree(tmp)  # as the one-process save: every file on disk before the rename publishes the folder
         kill_point(f"checkpoint-{step}")
         if final.exists():  # re-saving a step after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(final.parent)
     world.barrier()
     return final
 
@@ -324,8 +331,14 @@ def shard_writer(path: str, step: int) -> Any:
     return ShardWriter(path)
 
 
-def is_dcp(ckpt: Path) -> bool:
-    return (ckpt / DCP_DIR).is_dir()
+def tied_names(model: Any) -> dict[str, str]:
+    """{a tied parameter's second name: its first name}, e.g. {"lm_head.weight": "model.embed_tokens.weight"}."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            tied[name] = first[id(param)]
+    return tied
 
 
 def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:
@@ -352,18 +365,34 @@ def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:
         return load_single_process_state(ckpt, info, model, optimizer)
     with_optim = optimizer is not None and info.get("has_optimizer", False)
     if with_optim:
+        # `get_state_dict` builds a fresh optimizer's state for DCP to read into only when no parameter holds a
+        # gradient (else it leaves the state empty, and the load silently restores no moments)
+        model.zero_grad(set_to_none=True)
         model_state, optim_state = get_state_dict(model, cast(Any, optimizer))
         state: dict[str, Any] = {"model": model_state, "optim": optim_state}
     else:
         state = {"model": get_model_state_dict(model)}
     state["rng"] = torch.get_rng_state()
     import torch.distributed as dist
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    with (
-        warnings.catch_warnings()
-    ):  # one process (no process group): DCP reads every rank's shards, and says so
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not dist.is_initialized())
+    try:
+        with (
+            warnings.catch_warnings()
+        ):  # one process (no process group): DCP reads every rank's shards, says so
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(
+                state,
+                checkpoint_id=str(ckpt / DCP_DIR),
+                planner=SafeLoadPlanner(),  # the optimizer's param groups are pickles: no code runs from them
+                no_dist=not dist.is_initialized(),
+            )
+    except CheckpointException as err:  # a shard damaged or tampered with from outside: writes are atomic
+        reason = ", ".join(sorted({type(exc).__name__ for exc, _ in err.failures.values()}))
+        raise RloptError(
+            f"checkpoint {ckpt} is unreadable ({reason} in its trainer state); move it away to resume from the one "
+            "before"
+        ) from None
     if with_optim:
         set_state_dict(
             model, cast(Any, optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"]
