@@ -7,8 +7,8 @@ SFT replaces the rollout and the surrogate with the NLL of the reference solutio
 
 Deliberate simplifications:
 - one process and one device, or one run sharded over several processes with FSDP2 under torchrun
-  (training/sharding.py: GRPO with hf rollouts; rank 0 writes the run folder); micro-batching gives gradient
-  accumulation for big batches;
+  (training/sharding.py: GRPO or SFT, with hf rollouts; rank 0 writes the run folder); micro-batching gives
+  gradient accumulation for big batches;
 - a step is one generated batch: with num_iterations > 1 it holds that many optimizer updates;
 - prompts are drawn epoch by epoch from a seeded permutation; every step's sampling has its own seeded
   generator, so a resumed run draws exactly what an uninterrupted one would;
@@ -205,7 +205,7 @@ def run_training(
             if cfg.train.objective == "grpo":
                 row = grpo_step(model, ref_model, optimizer, backend, tokenizer, task, cfg, step, world=world)
             else:
-                row = sft_step(model, optimizer, tokenizer, task, cfg, step)
+                row = sft_step(model, optimizer, tokenizer, task, cfg, step, world)
             row["time/step_s"] = time.perf_counter() - t0
             if (probed := row.pop("probe", None)) is not None:
                 row |= write_probe(run_dir, step, probed)
@@ -430,17 +430,25 @@ def grpo_step(
 
 
 def sft_step(
-    model: Any, optimizer: Any, tokenizer: Any, task: Task, cfg: RunConfig, step: int
+    model: Any, optimizer: Any, tokenizer: Any, task: Task, cfg: RunConfig, step: int, world: World = World()
 ) -> dict[str, Any]:
+    """One step. Sharded (`world`), this rank trains on its contiguous share of the step's examples, each rank's
+    summed NLL is divided by the whole step's token count (summed over ranks), and FSDP sums the gradients: the
+    one-process loss and gradient, up to float summation order."""
     examples = pick_examples(task.train, cfg.sft.batch_size, step, cfg.train.seed)
+    examples = examples[world.share(len(examples))]  # this rank's examples: all of them in one process
     prompts = render_prompts(
         tokenizer, [e.prompt for e in examples], cfg.task.chat_template, cfg.task.chat_template_kwargs
     )
     device = next(model.parameters()).device
     templated = uses_chat_template(tokenizer, cfg.task.chat_template)
     batch = sft.sft_batch(tokenizer, prompts, examples, device, templated)
+    num_tokens = None  # one process: the batch's own count, the loss is its mean
+    if world.sharded:
+        num_tokens = int(world.sum([float(batch.completion_mask.sum())])[0])
     optimizer.zero_grad(set_to_none=True)
-    loss = sft.sft_backward(model, batch, cfg.sft.micro_batch_size, cfg.train.precision)
+    loss = sft.sft_backward(model, batch, cfg.sft.micro_batch_size, cfg.train.precision, num_tokens)
+    loss = world.sum([loss])[0]  # every rank's share of the global loss
     before = weights_before_step(model) if cfg.log.update_norm else None
     grad_norm, probed = clip_and_step(model, optimizer, cfg.optimizer.max_grad_norm, step in cfg.probe.steps)
     optimizer.zero_grad(set_to_none=True)

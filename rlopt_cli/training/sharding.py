@@ -12,12 +12,16 @@ How a sharded run stays the single-process run (rlopt_cli/training/loop.py):
 - under FSDP every forward all-gathers: ranks must run the same forwards, so the sampler runs until every
   rank's rows finished (`World.all_true`), the log-prob pass trims each micro-batch to columns agreed by all
   ranks (same route, same chunking everywhere), and a micro-batch whose groups all have zero advantage is
-  skipped only when it is so on every rank (else the rank forwards it whole: zero-advantage rows add exactly 0).
+  skipped only when it is so on every rank (else the rank forwards it whole: zero-advantage rows add exactly 0);
+- SFT: every rank trains on its contiguous share of the step's examples, its summed NLL divided by the token
+  count of the whole step (summed over ranks), in as many micro-batches as every other rank (`check_sharded`);
+  SFT's log-prob pass is one decoder and one lm_head call per micro-batch whatever its shape, so ranks may pad
+  their shares to their own widths. The embedded model's warm-up (an SFT run itself) stays one process.
 
-Deliberate simplifications (refused with a one-line error, `check_sharded`): GRPO only (no SFT), hf rollouts
-only, no probe, no update-norm logging, no token-budget micro-batches; the KL reference (beta > 0) is sharded like
-the policy, in the same units, and stays on the device (no `grpo.ref_offload`). Evaluation is split by rank and the
-correct counts summed. The in-training update sparsity gathers one full parameter at a time on every rank.
+Deliberate simplifications (refused with a one-line error, `check_sharded`): hf rollouts only, no probe, no
+update-norm logging, no token-budget micro-batches; the KL reference (beta > 0) is sharded like the policy, in the
+same units, and stays on the device (no `grpo.ref_offload`). Evaluation is split by rank and the correct counts
+summed. The in-training update sparsity gathers one full parameter at a time on every rank.
 `optim/state_bytes` needs nothing: a DTensor's numel is its global size, so every rank counts the whole run's.
 """
 
@@ -53,31 +57,35 @@ def check_sharded(cfg: RunConfig, nproc: int) -> None:
         raise RloptError(f"--nproc = {nproc} must be >= 1")
     if nproc == 1:
         return
-    g = cfg.grpo
+    g, s = cfg.grpo, cfg.sft
+    grpo_run = cfg.train.objective == "grpo"
     backend = cfg.rollout.backend
     why = [  # (refused, why), checked in this order
-        (cfg.train.objective != "grpo", "train.objective = 'sft' runs in one process for now; drop --nproc"),
         (
             backend != "hf",
             f"rollout.backend = {backend!r} cannot run sharded (vLLM under torchrun is out of scope for now); "
             "use rollout.backend='hf' or drop --nproc",
         ),
         (
-            cfg.rollout.seed_scope != "prompt",
+            grpo_run and cfg.rollout.seed_scope != "prompt",
             "a sharded run needs rollout.seed_scope='prompt' (sampling seeded per prompt, so the completions "
             "do not depend on the number of processes)",
         ),
         (
-            g.prompts_per_step % nproc != 0,
+            grpo_run and g.prompts_per_step % nproc != 0,
             f"--nproc {nproc} must divide the prompts per step (grpo.batch_size / grpo.num_generations = "
             f"{g.prompts_per_step})",
         ),
         (
-            g.beta > 0 and g.ref_offload,
+            not grpo_run and s.batch_size % nproc != 0,
+            f"--nproc {nproc} must divide the examples per step (sft.batch_size = {s.batch_size})",
+        ),
+        (
+            grpo_run and g.beta > 0 and g.ref_offload,
             "grpo.ref_offload moves a whole reference model; sharded, each process holds 1/N of it: drop it",
         ),
         (
-            g.micro_batch_tokens > 0,
+            grpo_run and g.micro_batch_tokens > 0,
             "grpo.micro_batch_tokens packs each process's groups its own way, and FSDP's forwards must match "
             "across processes; use grpo.micro_batch_size with --nproc",
         ),
@@ -87,11 +95,15 @@ def check_sharded(cfg: RunConfig, nproc: int) -> None:
     for bad, message in why:
         if bad:
             raise RloptError(message)
-    local = g.batch_size // nproc
-    if g.micro_batch_size and local % g.micro_batch_size:
+    # every rank must run as many forwards as the others (FSDP's are collective): micro-batches split evenly
+    micro, rows, key = g.micro_batch_size, "completions", "grpo"
+    if not grpo_run:
+        micro, rows, key = s.micro_batch_size, "examples", "sft"
+    local = (g.batch_size if grpo_run else s.batch_size) // nproc
+    if micro and local % micro:
         raise RloptError(
-            f"grpo.micro_batch_size = {g.micro_batch_size} must divide each process's {local} completions "
-            f"(grpo.batch_size / --nproc)"
+            f"{key}.micro_batch_size = {micro} must divide each process's {local} {rows} "
+            f"({key}.batch_size / --nproc)"
         )
     device = cfg.train.device
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
@@ -286,7 +298,10 @@ def save_checkpoint(
     state["rng"] = torch.get_rng_state()
     # every rank writes its shard file and fsyncs it (FileSystemWriter's sync_files); DCP's last collective
     # writes the metadata once every shard is written
-    dcp.save(state, checkpoint_id=str(tmp / DCP_DIR), no_dist=not world.sharded)
+    shards = str(tmp / DCP_DIR)
+    dcp.save(
+        state, checkpoint_id=shards, storage_writer=shard_writer(shards, step), no_dist=not world.sharded
+    )
     if world.lead:
         info = {"step": step, "save_dtype": save_dtype, "format": "dcp", "world_size": world.size}
         info["has_optimizer"] = optimizer is not None
@@ -300,6 +315,20 @@ def save_checkpoint(
         fsync_dir(final.parent)
     world.barrier()
     return final
+
+
+def shard_writer(path: str, step: int) -> Any:
+    """DCP's file writer, with the kill point `shard-N` once this rank's shard file is written (the moment a
+    rank that dies leaves the others waiting inside the save: checkpoint N stays a .tmp folder)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class ShardWriter(FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            written = super().write_data(plan, planner)
+            kill_point(f"shard-{step}")
+            return written
+
+    return ShardWriter(path)
 
 
 def tied_names(model: Any) -> dict[str, str]:
