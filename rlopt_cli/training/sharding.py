@@ -2,7 +2,7 @@
 pieces (gradient clipping, evaluation, the update-sparsity view). Everything here is PyTorch's own engines:
 `fully_shard` (FSDP2, DTensor parameters), `torch.distributed.checkpoint` and its state-dict helpers.
 
-How a sharded run stays the single-process run (rlopt_cli/training/loop.py):
+How a sharded run stays the single-process run (rlopt_cli/training/loop.py and steps.py):
 - every rank samples its contiguous share of the step's prompts, each completion's randomness seeded per
   (run seed, step, global prompt index, sample index) (`rollout.seed_scope = "prompt"`), so the completions do
   not depend on how the prompts are split;
