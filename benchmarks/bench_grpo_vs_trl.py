@@ -165,7 +165,7 @@ def step_examples(args: argparse.Namespace, total_steps: int) -> list[Any]:
     """The examples rlopt draws for steps 1..total_steps with train.seed 0, in order."""
     from rlopt_cli.config.recipes import load_config
     from rlopt_cli.tasks import build_task
-    from rlopt_cli.training.loop import pick_examples
+    from rlopt_cli.training.steps import pick_examples
 
     task = build_task(load_config(None, None, task_flags(args)).task)
     return [e for s in range(1, total_steps + 1) for e in pick_examples(task.train, PROMPTS_PER_STEP, s, 0)]

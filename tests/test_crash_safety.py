@@ -211,3 +211,28 @@ def test_sweep_workers_die_with_a_killed_sweep(tmp_path: Path, tiny_overrides: l
         except EnvironmentFailure:
             assert time.time() < deadline, "the killed sweep's folders stayed locked"
             time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("wanted", "rank", "killed"),
+    [
+        ("shard-4", None, True),  # one process: no RANK
+        ("shard-4", "1", True),  # unqualified: every rank that reaches the point
+        ("shard-4@rank1", "1", True),
+        ("shard-4@rank1", "0", False),  # the other ranks live on
+        ("shard-4@rank0", None, True),  # one process is rank 0
+        ("shard-2@rank1", "1", False),
+        ("shard-4@1", "1", False),
+    ],
+)
+def test_a_kill_point_qualified_by_rank_kills_that_rank_only(
+    wanted: str, rank: str | None, killed: bool
+) -> None:
+    env = (
+        {k: v for k, v in os.environ.items() if k != "RANK"}
+        | {ENV: wanted}
+        | ({"RANK": rank} if rank else {})
+    )
+    code = "from rlopt_cli.runtime.kill_points import kill_point; kill_point('shard-4')"
+    done = subprocess.run([sys.executable, "-c", code], env=env | {"PYTHONPATH": str(REPO)}, check=False)
+    assert done.returncode == (-signal.SIGKILL if killed else 0)

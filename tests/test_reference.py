@@ -10,8 +10,8 @@ import torch
 
 from rlopt_cli.algo import grpo
 from rlopt_cli.algo.optimizers import build_optimizer, state_bytes
-from rlopt_cli.training.loop import clip_and_step
 from rlopt_cli.training.reference import Reference, frozen_copy, reference_dtype
+from rlopt_cli.training.steps import clip_and_step
 from tests.test_real_archs import GROUP, group_batch
 from tests.tiny_hf import tiny_model
 
@@ -118,7 +118,7 @@ def test_a_grpo_step_leaves_no_gradients_and_a_cpu_sparsity_reference(tmp_path, 
     from rlopt_cli.models.loading import build_char_tokenizer, build_embedded_model
     from rlopt_cli.rollout import make_backend
     from rlopt_cli.tasks import build_task
-    from rlopt_cli.training.loop import grpo_step
+    from rlopt_cli.training.steps import grpo_step
     from rlopt_cli.training.update_fraction import UpdateReference
 
     cfg = load_config(None, [*tiny_overrides, "grpo.beta=0.01", "model.warmup_steps=0", "train.device=cpu"])

@@ -81,7 +81,7 @@ def test_grpo_eval_and_sparsity_on_smollm2(
     assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from rlopt_cli.config.recipes import load_config
-    from rlopt_cli.training import loop
+    from rlopt_cli.training import loop, steps
     from rlopt_cli.training.tracking import read_metrics
 
     data = assets["data"]
@@ -117,13 +117,13 @@ def test_grpo_eval_and_sparsity_on_smollm2(
     )
     force_rewards(monkeypatch, first_of_each(2))  # every group has a reward spread, by construction
     rendered: list[str] = []
-    real_render = loop.render_prompts
+    real_render = steps.render_prompts
 
     def spy(tokenizer: Any, prompts: list[str], *template: Any) -> list[str]:
         rendered.extend(out := real_render(tokenizer, prompts, *template))
         return out
 
-    monkeypatch.setattr(loop, "render_prompts", spy)
+    monkeypatch.setattr(steps, "render_prompts", spy)
 
     run_dir = loop.train(cfg, tmp_path / "runs", say=lambda *_: None)
     rows = read_metrics(run_dir)

@@ -371,13 +371,10 @@ def test_sync_weights_updates_the_engine(engines: tuple[Any, Any, Any]) -> None:
 # a sharded run: one engine per rank under torchrun
 
 
-def launch(overrides: list[str], out: Path, nproc: int, kill_at: str = "") -> subprocess.CompletedProcess:
+def launch(overrides: list[str], out: Path, nproc: int) -> subprocess.CompletedProcess:
     """`rlopt train --nproc N` as a user runs it, in a fresh interpreter (one in-process engine each)."""
-    from rlopt_cli.runtime.kill_points import ENV
-
     args = [a for o in overrides for a in ("--set", o)]
-    env = {k: v for k, v in os.environ.items() if k != ENV} | ({ENV: kill_at} if kill_at else {})
-    env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "rlopt_cli.cli", "train", "--nproc", str(nproc), "--out", str(out), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
 
@@ -392,7 +389,7 @@ SHARDED = [
     "grpo.num_iterations=2",  # a second update on the same samples: a loss away from 0 to compare
     "train.steps=3",
     "train.eval_every=3",
-    "train.checkpoint_every=2",
+    "train.checkpoint_every=3",
     "train.run_name=run",
 ]
 EXACT = (
@@ -407,23 +404,20 @@ EXACT = (
 
 @pytest.mark.slow
 def test_two_processes_with_an_engine_each_equal_one(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    """`rlopt train --nproc 2 --set rollout.backend=vllm`, killed after step 3 and resumed from step 2 on 2
-    processes: each rank's engine samples its two prompts (seeded per prompt) and evaluates its half of the eval
-    split; after every step, and at the resume, the FSDP shards are gathered a parameter at a time into each
-    engine. The completions then equal the one-process run's, so rewards, lengths and eval accuracy are equal
-    exactly, and the engines' log-prob gaps too. The gradient is the same sum in another order: losses and
-    gradient norms agree to fp32 rounding (measured: losses of 2e-3 to 2e-2 within 7.5e-9 absolute, 3.7e-6
-    relative; gradient norms within 9.3e-8 relative; every bf16-saved weight equal), so test_sharded.py's
+    """`rlopt train --nproc 2 --set rollout.backend=vllm`: each rank's engine samples its two prompts (seeded per
+    prompt) and evaluates its half of the eval split; after every step the FSDP shards are gathered a parameter at
+    a time into each engine. The completions then equal the one-process run's, so rewards, lengths and eval
+    accuracy are equal exactly, and the engines' log-prob gaps too. The gradient is the same sum in another order:
+    losses and gradient norms agree to fp32 rounding (measured: losses of 2e-3 to 2e-2 within 7.5e-9 absolute,
+    3.7e-6 relative; gradient norms within 9.3e-8 relative; every bf16-saved weight equal), so test_sharded.py's
     tolerances. An engine a step behind would show in the sampler log-prob gap (fp32 engine and trainer: <= 6e-7
-    measured; a step moves log-probs by far more than 1e-4). About 3.5-4 minutes on 2 shared, loaded cores."""
+    measured; a step moves log-probs by far more than 1e-4). 3.5 minutes on 2 shared, loaded cores (the engines'
+    start dominates), so a resume is not repeated here: it pushes through the same `sync_weights`."""
     overrides = [*tiny_overrides, *SHARDED]
     one = launch(overrides, tmp_path / "one", 1)  # also warms the session's cache for the ranks
     assert one.returncode == 0, one.stderr[-3000:]
-    killed = launch(overrides, tmp_path / "two", 2, kill_at="step-3")  # both ranks, after step 3 is logged
-    assert killed.returncode != 0 and not (tmp_path / "two/run/summary.json").exists()
-    two = launch(overrides, tmp_path / "two", 2)  # resumes from step 2: the engines get the step-2 weights
+    two = launch(overrides, tmp_path / "two", 2)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "resuming run from step 2" in two.stdout + two.stderr
     assert "Traceback" not in two.stderr  # the engines shut down before the process group goes
     from rlopt_cli.training.tracking import read_metrics
 

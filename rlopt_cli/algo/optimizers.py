@@ -36,12 +36,17 @@ def build_optimizer(
     return cls(params, lr=lr, weight_decay=weight_decay, **kernels, **resolved_args(name, args))
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes held in `optimizer.state`, by state key (exp_avg, exp_avg_sq, momentum_buffer, ...), and 'total'."""
+def state_bytes(optimizer: torch.optim.Optimizer, local: bool = False) -> dict[str, int]:
+    """Bytes held in `optimizer.state`, by state key (exp_avg, exp_avg_sq, momentum_buffer, ...), and 'total'.
+
+    Sharded (FSDP2), the state tensors are DTensors, whose numel is the global size: the whole run's bytes;
+    `local` counts this process's shards instead (`to_local`), what its device holds."""
     by_key: dict[str, int] = {}
     for state in optimizer.state.values():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
+                if local and hasattr(value, "to_local"):  # a DTensor
+                    value = value.to_local()
                 by_key[key] = by_key.get(key, 0) + value.numel() * value.element_size()
     by_key["total"] = sum(by_key.values())
     return by_key

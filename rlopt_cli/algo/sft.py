@@ -58,18 +58,22 @@ def sft_loss(model: Any, batch: Rollout, num_tokens: int | None = None) -> torch
     return -(logps * mask).sum() / (mask.sum() if num_tokens is None else num_tokens)
 
 
-def sft_backward(model: Any, batch: Rollout, micro_batch_size: int, precision: str) -> float:
-    """Backward the batch's mean NLL into the gradients, `micro_batch_size` rows per pass (0 = all at once, the
-    original path, untouched); returns the loss. Every micro-batch's summed NLL is divided by the whole batch's
-    token count, so the passes add up to the whole batch's loss and gradient (each micro-batch's own mean,
-    averaged, would weight a token of a short micro-batch more)."""
+def sft_backward(
+    model: Any, batch: Rollout, micro_batch_size: int, precision: str, num_tokens: int | None = None
+) -> float:
+    """Backward the batch's summed NLL over `num_tokens` into the gradients, `micro_batch_size` rows per pass
+    (0 = all at once, the original path, untouched); returns the loss. `num_tokens`: the token count of the
+    whole step, summed over the ranks of a sharded run (each rank's loss is then its share of the global mean);
+    None = this batch's own count, its mean NLL. Every micro-batch's summed NLL is divided by that same count,
+    so the passes add up to the whole batch's loss and gradient (each micro-batch's own mean, averaged, would
+    weight a token of a short micro-batch more)."""
     device = batch.prompt_ids.device
     if not micro_batch_size:
         with autocast(precision, device):
-            loss = sft_loss(model, batch)
+            loss = sft_loss(model, batch, num_tokens)
         loss.backward()
         return loss.item()
-    num_tokens = int(batch.completion_mask.sum())
+    num_tokens = int(batch.completion_mask.sum()) if num_tokens is None else num_tokens
     total = 0.0
     for start in range(0, len(batch.texts), micro_batch_size):
         rows = slice(start, start + micro_batch_size)

@@ -26,7 +26,7 @@ def train(
     nproc: int = typer.Option(
         1,
         "--nproc",
-        help="Processes to shard the run over (FSDP2 under torchrun; needs rollout.seed_scope=prompt).",
+        help="Processes to shard the run over (FSDP2 under torchrun; GRPO needs rollout.seed_scope=prompt).",
     ),
 ) -> None:
     """Train one run (resumes if its folder holds an unfinished run with the same config)."""

@@ -1,6 +1,7 @@
 """The paper study's measurements, computed from run folders only (never a live trainer).
 
-- `weight_update`: from a run's starting and final fp32 master weights (trainer_state.safetensors): the L2 norm
+- `weight_update`: from a run's starting and final fp32 master weights (its checkpoints' trainer state, saved by one
+  process or sharded by several: `training/trainer_state.master_weights`): the L2 norm
   of the total update, the changed fraction when stored in bf16 and in fp32, the ULP-based prediction of the bf16
   changed fraction, mean over coordinates of min(1, |dw| / ulp_bf16(w0)), and the histogram of |dw| / ulp_bf16(w0).
 - `at_matched_norm`: one optimizer's changed fraction interpolated at another's update norm (log-log), so the
@@ -13,9 +14,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from rlopt_cli.training.checkpoint import list_checkpoints
+from rlopt_cli.training.trainer_state import master_weights
 from rlopt_cli.training.update_fraction import ulp_bf16
 
 RATIO_BINS = [-math.inf, *range(-6, 5), math.inf]  # log10(|dw| / ulp) bin edges; 0 = one ULP
@@ -37,27 +38,19 @@ class WeightUpdate:
     """Counts of log10(|dw| / ulp_bf16(w0)) in RATIO_BINS (exact zeros in the first bin)."""
 
 
-def _master_tensors(checkpoint: Path) -> Any:
-    from safetensors import safe_open  # heavy: imported on use
-
-    return safe_open(str(checkpoint / "trainer_state.safetensors"), framework="pt")
-
-
 def weight_update(run_dir: Path) -> WeightUpdate:
     """Compare the run's step-0 and last checkpoints' fp32 master weights, tensor by tensor."""
     import torch  # heavy: imported on use
 
     ckpts = list_checkpoints(run_dir)
-    first, last = _master_tensors(ckpts[0]), _master_tensors(ckpts[-1])
     n = 0
     sq = changed16 = changed32 = predicted = 0.0
     hist = torch.zeros(len(RATIO_BINS) - 1, dtype=torch.long)
     samples = []
     edges = torch.tensor(RATIO_BINS[1:-1], dtype=torch.float32)
-    for key in first.keys():  # noqa: SIM118 (safe_open is not a dict)
-        if not key.startswith("master."):
-            continue
-        w0, w1 = first.get_tensor(key).float().flatten(), last.get_tensor(key).float().flatten()  # [n_t]
+    for (name, start), (same, end) in zip(master_weights(ckpts[0]), master_weights(ckpts[-1]), strict=True):
+        assert name == same, (name, same)  # one model, saved in one order
+        w0, w1 = start.float().flatten(), end.float().flatten()  # [n_t]
         delta = (w1 - w0).abs()  # [n_t]
         ratio = delta / ulp_bf16(w0)  # [n_t]
         n += w0.numel()

@@ -105,7 +105,7 @@ def save_checkpoint(
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    export = export_weights(model, getattr(torch, save_dtype))
+    export = export_weights(model.state_dict(), getattr(torch, save_dtype))
     model.save_pretrained(tmp, state_dict=export, safe_serialization=True, max_shard_size="5GB")
     del export
     mark_saved_dtype(tmp, save_dtype)
@@ -138,13 +138,13 @@ def save_checkpoint(
     return final
 
 
-def export_weights(model: Any, dtype: Any) -> dict[str, Any]:
+def export_weights(state: dict[str, Any], dtype: Any) -> dict[str, Any]:
     """The state dict cast to `dtype`, contiguous, with one cast per distinct tensor: a tied lm_head stays the
     embedding's own tensor, so save_pretrained writes it once (as for the fp32 model). Casting per key made two
     equal bf16 tensors, and the tied matrix was written twice (+ vocab x hidden x 2 bytes: 622 MB at Qwen3-1.7B)."""
     cast: dict[tuple[Any, ...], Any] = {}
     export: dict[str, Any] = {}
-    for name, value in model.state_dict().items():
+    for name, value in state.items():
         key = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
         if key not in cast:
             cast[key] = value.detach().to(dtype).contiguous()

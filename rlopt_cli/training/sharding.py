@@ -2,7 +2,7 @@
 pieces (gradient clipping, evaluation, the update-sparsity view). Everything here is PyTorch's own engines:
 `fully_shard` (FSDP2, DTensor parameters), `torch.distributed.checkpoint` and its state-dict helpers.
 
-How a sharded run stays the single-process run (rlopt_cli/training/loop.py):
+How a sharded run stays the single-process run (rlopt_cli/training/loop.py and steps.py):
 - every rank samples its contiguous share of the step's prompts, each completion's randomness seeded per
   (run seed, step, global prompt index, sample index) (`rollout.seed_scope = "prompt"`), so the completions do
   not depend on how the prompts are split;
@@ -12,7 +12,11 @@ How a sharded run stays the single-process run (rlopt_cli/training/loop.py):
 - under FSDP every forward all-gathers: ranks must run the same forwards, so the sampler runs until every
   rank's rows finished (`World.all_true`), the log-prob pass trims each micro-batch to columns agreed by all
   ranks (same route, same chunking everywhere), and a micro-batch whose groups all have zero advantage is
-  skipped only when it is so on every rank (else the rank forwards it whole: zero-advantage rows add exactly 0).
+  skipped only when it is so on every rank (else the rank forwards it whole: zero-advantage rows add exactly 0);
+- SFT: every rank trains on its contiguous share of the step's examples, its summed NLL divided by the token
+  count of the whole step (summed over ranks), in as many micro-batches as every other rank (`check_sharded`);
+  SFT's log-prob pass is one decoder and one lm_head call per micro-batch whatever its shape, so ranks may pad
+  their shares to their own widths. The embedded model's warm-up (an SFT run itself) stays one process.
 
 Rollouts: the hf sampler on the sharded model (`ShardedHFBackend`), or a colocated vLLM engine per rank
 (rlopt_cli/rollout/vllm.py, vLLM's torchrun mode `external_launcher`, tensor parallelism 1): each engine samples
@@ -20,12 +24,13 @@ its rank's prompts alone, every request seeded by its prompt's seed; it starts f
 sharding, and after every optimizer step (and a resume) the shards are gathered one parameter at a time
 (`DTensor.full_tensor`) and pushed into every engine, so no rank holds two copies of the model.
 
-Deliberate simplifications (refused with a one-line error, `check_sharded`): GRPO only (no SFT), no probe, no
-update-norm logging, no token-budget micro-batches; the KL reference (beta > 0) is sharded like the policy, in the
-same units, and stays on the device (no `grpo.ref_offload`). Evaluation is split by rank and the correct counts
-summed. The in-training update sparsity gathers one full parameter at a time on every rank. `optim/state_bytes`
-needs nothing: a DTensor's numel is its global size, so every rank counts the whole run's. The sampler log-prob
-gap is taken over every rank's gradient-carrying tokens; `train/skipped_frac` counts the rows no rank forwarded.
+Deliberate simplifications (refused with a one-line error, `check_sharded`): SFT evaluates with hf rollouts,
+no probe, no update-norm logging, no token-budget micro-batches; the KL reference (beta > 0) is sharded like the
+policy, in the same units, and stays on the device (no `grpo.ref_offload`). Evaluation is split by rank and the
+correct counts summed. The in-training update sparsity gathers one full parameter at a time on every rank.
+`optim/state_bytes` needs nothing: a DTensor's numel is its global size, so every rank counts the whole run's. The
+sampler log-prob gap is taken over every rank's gradient-carrying tokens; `train/skipped_frac` counts the rows no
+rank forwarded.
 """
 
 from __future__ import annotations
@@ -46,12 +51,12 @@ from rlopt_cli.errors import RloptError
 from rlopt_cli.models.loading import mark_saved_dtype, render_prompts
 from rlopt_cli.rollout import Backend, Rollout
 from rlopt_cli.rollout.hf import HFBackend
+from rlopt_cli.runtime.atomic_files import fsync_dir, fsync_tree
 from rlopt_cli.runtime.distributed import World
 from rlopt_cli.runtime.kill_points import kill_point
 from rlopt_cli.tasks import Task
-from rlopt_cli.training.checkpoint import step_dir
-
-DCP_DIR = "trainer_state"  # DCP's folder inside a checkpoint: one file per rank plus its .metadata
+from rlopt_cli.training.checkpoint import export_weights, step_dir
+from rlopt_cli.training.trainer_state import DCP_DIR, SafeLoadPlanner, is_dcp
 
 
 def check_sharded(cfg: RunConfig, nproc: int) -> None:
@@ -60,25 +65,34 @@ def check_sharded(cfg: RunConfig, nproc: int) -> None:
         raise RloptError(f"--nproc = {nproc} must be >= 1")
     if nproc == 1:
         return
-    g = cfg.grpo
+    g, s = cfg.grpo, cfg.sft
+    grpo_run = cfg.train.objective == "grpo"
     why = [  # (refused, why), checked in this order
-        (cfg.train.objective != "grpo", "train.objective = 'sft' runs in one process for now; drop --nproc"),
         (
-            cfg.rollout.seed_scope != "prompt",
+            not grpo_run and cfg.rollout.backend != "hf",
+            "a sharded SFT run evaluates with rollout.backend='hf' (its steps do not sync a vLLM engine); "
+            "set rollout.backend=hf",
+        ),
+        (
+            grpo_run and cfg.rollout.seed_scope != "prompt",
             "a sharded run needs rollout.seed_scope='prompt' (sampling seeded per prompt, so the completions "
             "do not depend on the number of processes)",
         ),
         (
-            g.prompts_per_step % nproc != 0,
+            grpo_run and g.prompts_per_step % nproc != 0,
             f"--nproc {nproc} must divide the prompts per step (grpo.batch_size / grpo.num_generations = "
             f"{g.prompts_per_step})",
         ),
         (
-            g.beta > 0 and g.ref_offload,
+            not grpo_run and s.batch_size % nproc != 0,
+            f"--nproc {nproc} must divide the examples per step (sft.batch_size = {s.batch_size})",
+        ),
+        (
+            grpo_run and g.beta > 0 and g.ref_offload,
             "grpo.ref_offload moves a whole reference model; sharded, each process holds 1/N of it: drop it",
         ),
         (
-            g.micro_batch_tokens > 0,
+            grpo_run and g.micro_batch_tokens > 0,
             "grpo.micro_batch_tokens packs each process's groups its own way, and FSDP's forwards must match "
             "across processes; use grpo.micro_batch_size with --nproc",
         ),
@@ -88,11 +102,15 @@ def check_sharded(cfg: RunConfig, nproc: int) -> None:
     for bad, message in why:
         if bad:
             raise RloptError(message)
-    local = g.batch_size // nproc
-    if g.micro_batch_size and local % g.micro_batch_size:
+    # every rank must run as many forwards as the others (FSDP's are collective): micro-batches split evenly
+    micro, rows, key = g.micro_batch_size, "completions", "grpo"
+    if not grpo_run:
+        micro, rows, key = s.micro_batch_size, "examples", "sft"
+    local = (g.batch_size if grpo_run else s.batch_size) // nproc
+    if micro and local % micro:
         raise RloptError(
-            f"grpo.micro_batch_size = {g.micro_batch_size} must divide each process's {local} completions "
-            f"(grpo.batch_size / --nproc)"
+            f"{key}.micro_batch_size = {micro} must divide each process's {local} {rows} "
+            f"({key}.batch_size / --nproc)"
         )
     device = cfg.train.device
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
@@ -282,8 +300,10 @@ def save_checkpoint(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
     if world.lead:  # the other ranks' `full` is empty: cpu_offload gathers to rank 0 only
-        dtype = getattr(torch, save_dtype)
-        export = {k: v.detach().to(dtype).contiguous() for k, v in full.items()}
+        # the gathered state dict holds a copy per name of a tied parameter: made one tensor again, the export
+        # writes it once, as the one-process export does
+        full |= {name: full[first] for name, first in tied_names(model).items() if name in full}
+        export = export_weights(full, getattr(torch, save_dtype))
         model.save_pretrained(tmp, state_dict=export, safe_serialization=True, max_shard_size="5GB")
         mark_saved_dtype(tmp, save_dtype)
         tokenizer.save_pretrained(tmp)
@@ -295,21 +315,49 @@ def save_checkpoint(
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
     state["rng"] = torch.get_rng_state()
-    dcp.save(state, checkpoint_id=str(tmp / DCP_DIR), no_dist=not world.sharded)
+    # every rank writes its shard file and fsyncs it (FileSystemWriter's sync_files); DCP's last collective
+    # writes the metadata once every shard is written
+    shards = str(tmp / DCP_DIR)
+    dcp.save(
+        state, checkpoint_id=shards, storage_writer=shard_writer(shards, step), no_dist=not world.sharded
+    )
     if world.lead:
         info = {"step": step, "save_dtype": save_dtype, "format": "dcp", "world_size": world.size}
         info["has_optimizer"] = optimizer is not None
+        info["tied"] = tied_names(model)  # DCP holds a tied weight under each name; readers count it once
         (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2) + "\n")
+        fsync_tree(tmp)  # as the one-process save: every file on disk before the rename publishes the folder
         kill_point(f"checkpoint-{step}")
         if final.exists():  # re-saving a step after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(final.parent)
     world.barrier()
     return final
 
 
-def is_dcp(ckpt: Path) -> bool:
-    return (ckpt / DCP_DIR).is_dir()
+def shard_writer(path: str, step: int) -> Any:
+    """DCP's file writer, with the kill point `shard-N` once this rank's shard file is written (the moment a
+    rank that dies leaves the others waiting inside the save: checkpoint N stays a .tmp folder)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class ShardWriter(FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            written = super().write_data(plan, planner)
+            kill_point(f"shard-{step}")
+            return written
+
+    return ShardWriter(path)
+
+
+def tied_names(model: Any) -> dict[str, str]:
+    """{a tied parameter's second name: its first name}, e.g. {"lm_head.weight": "model.embed_tokens.weight"}."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            tied[name] = first[id(param)]
+    return tied
 
 
 def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:
@@ -336,18 +384,34 @@ def load_trainer_state(ckpt: Path, model: Any, optimizer: Any | None) -> int:
         return load_single_process_state(ckpt, info, model, optimizer)
     with_optim = optimizer is not None and info.get("has_optimizer", False)
     if with_optim:
+        # `get_state_dict` builds a fresh optimizer's state for DCP to read into only when no parameter holds a
+        # gradient (else it leaves the state empty, and the load silently restores no moments)
+        model.zero_grad(set_to_none=True)
         model_state, optim_state = get_state_dict(model, cast(Any, optimizer))
         state: dict[str, Any] = {"model": model_state, "optim": optim_state}
     else:
         state = {"model": get_model_state_dict(model)}
     state["rng"] = torch.get_rng_state()
     import torch.distributed as dist
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    with (
-        warnings.catch_warnings()
-    ):  # one process (no process group): DCP reads every rank's shards, and says so
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not dist.is_initialized())
+    try:
+        with (
+            warnings.catch_warnings()
+        ):  # one process (no process group): DCP reads every rank's shards, says so
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(
+                state,
+                checkpoint_id=str(ckpt / DCP_DIR),
+                planner=SafeLoadPlanner(),  # the optimizer's param groups are pickles: no code runs from them
+                no_dist=not dist.is_initialized(),
+            )
+    except CheckpointException as err:  # a shard damaged or tampered with from outside: writes are atomic
+        reason = ", ".join(sorted({type(exc).__name__ for exc, _ in err.failures.values()}))
+        raise RloptError(
+            f"checkpoint {ckpt} is unreadable ({reason} in its trainer state); move it away to resume from the one "
+            "before"
+        ) from None
     if with_optim:
         set_state_dict(
             model, cast(Any, optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"]
