@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -130,8 +130,11 @@ class World:
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
-def launch(nproc: int, argv: list[str], env: dict[str, Any] | None = None) -> int:
+def launch(
+    nproc: int, argv: list[str], env: dict[str, Any] | None = None, output: IO[str] | None = None
+) -> int:
     """Run `rlopt <argv>` as `nproc` ranks under torchrun on this host; returns torchrun's exit code.
+    `output`: where the ranks' and torchrun's stdout and stderr go (a sweep cell's log); None: this process's.
 
     `--standalone` gives the ranks a private rendezvous on a free local port, so runs never collide. A
     subprocess, not `torch.distributed.run.main` in this process: the ranks must not inherit this process's
@@ -148,4 +151,4 @@ def launch(nproc: int, argv: list[str], env: dict[str, Any] | None = None) -> in
     ]
     full_env = dict(os.environ if env is None else env)
     full_env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, said here so it does not warn
-    return subprocess.run(cmd, env=full_env, check=False).returncode
+    return subprocess.run(cmd, env=full_env, check=False, stdout=output, stderr=output).returncode

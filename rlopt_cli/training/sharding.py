@@ -185,6 +185,20 @@ class Gathered:
             yield name, param.full_tensor() if isinstance(param, DTensor) else param
 
 
+def check_shared(world: World, path: Path, what: str) -> None:
+    """The same one-line error on every rank when some rank cannot see `path`, which rank 0 wrote: ranks on
+    several machines read rank 0's files, so those must be on a filesystem every machine shares. One all-reduce
+    (every rank raises, none waits at a later collective); nothing in one process."""
+    if not world.sharded:
+        return
+    missing = int(world.sum([0.0 if path.exists() else 1.0])[0])
+    if missing:
+        raise RloptError(
+            f"{missing} of {world.size} processes cannot see {what}, {path}, which rank 0 wrote: a run over "
+            "several machines needs it on a filesystem they all share"
+        )
+
+
 class NullMetrics:
     """metrics.jsonl on ranks other than 0: rank 0 alone writes the run folder."""
 

@@ -1,0 +1,220 @@
+"""Sharded runs launched by others: sweep cells of several processes (`[sweep.resources] nproc`, on the local
+and Ray launchers), SLURM's resources for them, and one run over two torchrun "machines" (--nnodes 2, as
+recipes/slurm/train_multinode.sbatch starts it), each against the one-process run of the same config.
+
+What must be equal, and how closely, is tests/test_sharded.py's: completions, rewards, lengths and eval accuracy
+exactly; losses and gradient norms to fp32 summation order. Runs are 2 steps to keep CI short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from rlopt_cli.cli import app
+from rlopt_cli.config.recipes import load_config
+from rlopt_cli.errors import RloptError
+from rlopt_cli.study.launchers import slurm_parameters
+from rlopt_cli.study.local_gpus import gpus_per_cell
+from rlopt_cli.study.sweep import load_sweep, settings_from
+from rlopt_cli.training import loop as trainer
+from rlopt_cli.training.tracking import read_metrics
+from tests.conftest import TINY
+from tests.test_sharded import EXACT
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = REPO / "recipes" / "default.toml"
+WIDE = {"COLUMNS": "200"}
+STEPS = 2
+# test_sharded's SHARDED, 2 steps: SGD with momentum, 2 micro-batches in one process (one per rank), 2 iterations
+SHARDED = [
+    "rollout.seed_scope='prompt'",
+    "grpo.micro_batch_size=4",
+    "grpo.num_iterations=2",
+    f"train.steps={STEPS}",
+]
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def sweep_file(tmp_path: Path, resources: str = "nproc = 2", overrides: list[str] | None = None) -> Path:
+    """A sweep of 2 cells (seeds 0 and 1) of the tiny sharded run, as TOML sections built from the overrides."""
+    sections: dict[str, dict[str, str]] = {}
+    for item in [*TINY, *(SHARDED if overrides is None else overrides)]:  # a later value wins
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        sections.setdefault(section, {})[name] = value
+    body = "".join(
+        f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()) for s, values in sections.items()
+    )
+    path = tmp_path / "sharded.toml"
+    path.write_text(
+        f'[sweep]\nname = "sharded"\nbase = "{DEFAULT}"\nworkers = 1\n[sweep.resources]\n{resources}\n'
+        f"{body}[grid]\nseeds = [0, 1]\n[grid.optimizers.sgd]\nlr = [0.01]\nmomentum = 0.9\n"
+    )
+    return path
+
+
+def assert_same_run(one: Path, other: Path) -> None:
+    a, b = read_metrics(one), read_metrics(other)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(STEPS + 1))
+    for ra, rb in zip(a, b, strict=True):
+        for key in EXACT:
+            assert ra.get(key) == rb.get(key), (ra["step"], key)
+        if ra["step"] > 0:
+            assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5, abs=1e-7)
+            assert rb["train/grad_norm"] == pytest.approx(ra["train/grad_norm"], rel=1e-5)
+    last = f"checkpoints/step-{STEPS:06d}/model.safetensors"
+    x, y = load_file(one / last), load_file(other / last)
+    equal = sum(int((x[k].view(torch.int16) == y[k].view(torch.int16)).sum()) for k in x)
+    assert equal / sum(v.numel() for v in x.values()) > 0.999
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (one, other)]
+    for key in ("steps", "n_params", "state_bytes", "final_accuracy"):
+        assert summaries[0][key] == summaries[1][key], key
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(app, list(args), env=WIDE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input and resources
+
+
+@pytest.mark.parametrize(
+    ("resources", "overrides", "message"),
+    [
+        (
+            "nproc = 2",
+            [],
+            "cell grpo__sgd__lr0.01__s0 cannot run on [sweep.resources] nproc = 2 processes: a "
+            "sharded run needs rollout.seed_scope='prompt'",
+        ),
+        ("nproc = 3", SHARDED, "nproc = 3 processes: --nproc 3 must divide the prompts per step"),
+        (  # 64 prompts per step, so only the cores are short
+            "nproc = 64",
+            [*SHARDED, "grpo.batch_size=256"],
+            "nproc = 64 processes per cell, but this machine has",
+        ),
+        ("nproc = 2\nnum_gpus = 2", SHARDED, "each process of a sharded cell uses one GPU"),
+        ("nproc = 0", SHARDED, "nproc = 0 must be >= 1"),
+        ("nprocs = 2", SHARDED, "unknown key [sweep.resources] nprocs; did you mean: nproc?"),
+    ],
+)
+def test_a_grid_that_cannot_run_sharded_is_refused_before_any_cell(
+    tmp_path: Path, resources: str, overrides: list[str], message: str
+) -> None:
+    result = invoke("sweep", str(sweep_file(tmp_path, resources, overrides)), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sharded_cell_asks_for_nproc_times_its_resources() -> None:
+    settings = settings_from({"name": "s", "resources": {"nproc": 4, "num_gpus": 1, "num_cpus": 3}})
+    params = slurm_parameters(settings, workers=5)
+    assert (params["gpus_per_node"], params["cpus_per_task"], params["tasks_per_node"]) == (4, 12, 1)
+    assert params["slurm_array_parallelism"] == 5
+    assert slurm_parameters(settings_from({"name": "s"}), 1)["gpus_per_node"] == 0
+    assert gpus_per_cell(1, 2, [str(i) for i in range(8)], nproc=4) == 4
+    with pytest.raises(
+        RloptError, match=r"2 cells at once x num_gpus = 1 x nproc = 4 need 8 GPUs.*--workers 1"
+    ):
+        gpus_per_cell(1, 2, [str(i) for i in range(6)], nproc=4)
+    with pytest.raises(RloptError, match="gpus_per_node = 2 but a cell's 4 processes need one GPU each"):
+        settings_from({"name": "s", "resources": {"nproc": 4, "num_gpus": 1}, "slurm": {"gpus_per_node": 2}})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.mark.slow
+def test_sharded_cells_on_the_local_and_ray_launchers_equal_one_process_runs(tmp_path: Path) -> None:
+    """Cell s0 through the local pool, cell s1 as a Ray task on a real 2-CPU local cluster, each as 2 torchrun
+    ranks; both equal the cells run in one process."""
+    path = sweep_file(tmp_path)
+    cells = {c.axes["seed"]: c for c in load_sweep(path).cells}
+    ones = {seed: trainer.train(c.config, tmp_path / "one", quiet) for seed, c in cells.items()}
+
+    local = invoke("sweep", str(path), "--only", "seed=0", "--out", str(tmp_path))
+    assert local.exit_code == 0, local.output
+    sweep_dir = tmp_path / "sharded"
+    assert_same_run(ones[0], sweep_dir / cells[0].name)
+    meta = json.loads((sweep_dir / cells[0].name / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    log = (sweep_dir / "logs" / f"{cells[0].name}.log").read_text()
+    assert "2 processes (torchrun), 1 threads each" in log
+    assert (
+        load_config(sweep_dir / "logs" / f"{cells[0].name}.toml", []) == cells[0].config
+    )  # the ranks' recipe
+
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # exactly one 2-process cell's CPUs
+    try:
+        remote = invoke("sweep", str(path), "--only", "seed=1", "--launcher", "ray", "--out", str(tmp_path))
+    finally:
+        ray.shutdown()
+    assert remote.exit_code == 0, remote.output
+    assert_same_run(ones[1], sweep_dir / cells[1].name)
+    assert json.loads((sweep_dir / cells[1].name / "meta.json").read_text())["world_size"] == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_machines_equal_one_process(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    """Two torchrun agents of one process each, rendezvous c10d, as two SLURM nodes run them: the second
+    agent's rank is 1 with LOCAL_RANK 0. The run folder and the warm-up cache are shared (one host)."""
+    overrides = [*tiny_overrides, *SHARDED, "optimizer.momentum=0.9", "train.run_name=run"]
+    one = trainer.train(load_config(None, overrides), tmp_path / "one", quiet)
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    sets = [a for o in overrides for a in ("--set", o)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={node}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}",
+                "--rdzv-id=two-machines",
+                "-m",
+                "rlopt_cli.cli",
+                "train",
+                "--out",
+                str(tmp_path / "two"),
+                *sets,
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert_same_run(one, tmp_path / "two" / "run")
+    assert json.loads((tmp_path / "two" / "run" / "meta.json").read_text())["world_size"] == 2
