@@ -178,43 +178,44 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.slow
-def test_two_machines_equal_one_process(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    """Two torchrun agents of one process each, rendezvous c10d, as two SLURM nodes run them: the second
-    agent's rank is 1 with LOCAL_RANK 0. The run folder and the warm-up cache are shared (one host)."""
-    overrides = [*tiny_overrides, *SHARDED, "optimizer.momentum=0.9", "train.run_name=run"]
-    one = trainer.train(load_config(None, overrides), tmp_path / "one", quiet)
+def two_machines(overrides: list[str], out: Path, envs: list[dict[str, str]]) -> list[tuple[int, str]]:
+    """`rlopt train` as two torchrun agents of one process each ("machines" 0 and 1, rendezvous c10d on this
+    host), as recipes/slurm/train_multinode.sbatch starts them; (exit code, output) of each."""
     endpoint = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     sets = [a for o in overrides for a in ("--set", o)]
+    rdzv = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}"]
     nodes = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                "--nproc-per-node=1",
-                f"--node-rank={node}",
-                "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={endpoint}",
-                "--rdzv-id=two-machines",
-                "-m",
-                "rlopt_cli.cli",
-                "train",
-                "--out",
-                str(tmp_path / "two"),
-                *sets,
-            ],
-            env=env,
+            [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--node-rank={node}"]
+            + ["-m", "rlopt_cli.cli", "train", "--out", str(out), *sets],
+            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for node in (0, 1)
+        for node, env in enumerate(envs)
     ]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return [(node.returncode, output) for node, output in zip(nodes, outputs, strict=True)]
+
+
+@pytest.mark.slow
+def test_two_machines_equal_one_process(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    """The second agent's rank is 1 with LOCAL_RANK 0. On one host the run folder and the warm-up cache are
+    shared, and the run equals the one-process run; a "machine" with a cache of its own fails in one line."""
+    overrides = [*tiny_overrides, *SHARDED, "optimizer.momentum=0.9", "train.run_name=run"]
+    one = trainer.train(load_config(None, overrides), tmp_path / "one", quiet)  # warms the shared cache
+
+    nodes = two_machines(overrides, tmp_path / "two", [{}, {}])
+    assert [code for code, _ in nodes] == [0, 0], nodes[0][1][-3000:] + nodes[1][1][-3000:]
     assert_same_run(one, tmp_path / "two" / "run")
     assert json.loads((tmp_path / "two" / "run" / "meta.json").read_text())["world_size"] == 2
+
+    own_cache = {"RLOPT_CACHE": str(tmp_path / "machine-1-cache")}
+    nodes = two_machines(overrides, tmp_path / "apart", [{}, own_cache])
+    for code, output in nodes:
+        assert code != 0
+        assert "error: 1 of 2 processes cannot see the warm-up cache ($RLOPT_CACHE)" in output, output[-3000:]
+        assert "needs it on a filesystem they all share" in output
+    assert not (tmp_path / "machine-1-cache").exists()  # machine 1 trained no warm-up of its own
