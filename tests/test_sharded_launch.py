@@ -137,6 +137,24 @@ def test_a_sharded_cell_asks_for_nproc_times_its_resources() -> None:
         settings_from({"name": "s", "resources": {"nproc": 4, "num_gpus": 1}, "slurm": {"gpus_per_node": 2}})
 
 
+def test_over_several_machines_rank_is_global_and_gpus_are_counted_per_machine(
+    monkeypatch: pytest.MonkeyPatch, tiny_overrides: list[str]
+) -> None:
+    from rlopt_cli.runtime.distributed import World
+    from rlopt_cli.training.sharding import check_sharded
+
+    for name, value in {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(name, value)
+    world = World.from_env()
+    assert (world.rank, world.size, world.local_rank, world.local_size, world.lead) == (5, 8, 1, 4, False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # an older launcher: all ranks on this machine
+    assert World.from_env().local_size == 8
+    if torch.cuda.device_count() < 4:  # 8 ranks over 2 machines of 4 GPUs: 4 must be here, not 8
+        cfg = load_config(None, [*tiny_overrides, *SHARDED, "grpo.batch_size=32", "train.device='cuda'"])
+        with pytest.raises(RloptError, match="^4 processes on this host but it has [0-3] CUDA devices"):
+            check_sharded(cfg, 8, per_host=4)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # end to end
 

@@ -22,11 +22,14 @@ import torch
 
 @dataclass(frozen=True)
 class World:
-    """This process's place in the run: rank `rank` of `size`, on local device `local_rank`."""
+    """This process's place in the run: rank `rank` of `size`, on local device `local_rank`. Over several
+    machines `rank` is global (rank 0 leads the whole run) and `local_rank` counts on this machine."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1
+    """Ranks on this machine (torchrun's LOCAL_WORLD_SIZE): `size` on one machine, less over several."""
 
     @classmethod
     def single(cls) -> World:
@@ -38,7 +41,8 @@ class World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:
             return cls()
-        return cls(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+        local = (int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", str(size))))
+        return cls(int(os.environ["RANK"]), size, *local)
 
     @property
     def sharded(self) -> bool:

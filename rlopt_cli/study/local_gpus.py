@@ -43,10 +43,9 @@ def gpus_per_cell(num_gpus: float, running: int, available: list[str], nproc: in
     need = per_cell * running
     if need > len(available):
         fits = len(available) // per_cell
-        fix = (
-            f"set --workers {fits}" if fits else f"set [sweep.resources] num_gpus x nproc <= {len(available)}"
-        )
         each = f"num_gpus = {int(num_gpus)}" + (f" x nproc = {nproc}" if nproc > 1 else "")
+        what = "num_gpus" + (" x nproc" if nproc > 1 else "")
+        fix = f"set --workers {fits}" if fits else f"set [sweep.resources] {what} <= {len(available)}"
         raise RloptError(
             f"{running} cells at once x {each} need {need} GPUs, but this machine shows "
             f"{len(available)} ({', '.join(available) or 'none'}): {fix}"

@@ -80,7 +80,7 @@ def train(
     if inspect_run(run_dir, cfg).finished:
         say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
         return run_dir
-    sharding.check_sharded(cfg, world.size)
+    sharding.check_sharded(cfg, world.size, world.local_size)
     device = world.device(resolve_device(cfg.train.device))
     check_attention(cfg.model.attn_implementation, device)
     torch.manual_seed(cfg.train.seed)

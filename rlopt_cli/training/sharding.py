@@ -47,8 +47,9 @@ from rlopt_cli.training.checkpoint import step_dir
 DCP_DIR = "trainer_state"  # DCP's folder inside a checkpoint: one file per rank plus its .metadata
 
 
-def check_sharded(cfg: RunConfig, nproc: int) -> None:
-    """One-line errors, before any process starts, for what a run of `nproc` processes cannot do."""
+def check_sharded(cfg: RunConfig, nproc: int, per_host: int | None = None) -> None:
+    """One-line errors, before any process starts, for what a run of `nproc` processes cannot do; `per_host`:
+    how many of them run on this host (all of them unless the run spans several machines)."""
     if nproc < 1:
         raise RloptError(f"--nproc = {nproc} must be >= 1")
     if nproc == 1:
@@ -96,7 +97,12 @@ def check_sharded(cfg: RunConfig, nproc: int) -> None:
     device = cfg.train.device
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         available = torch.cuda.device_count()
-        if nproc > available:
+        if per_host is not None and per_host != nproc:  # several machines: their GPUs are not this host's
+            if per_host > available:
+                raise RloptError(
+                    f"{per_host} processes on this host but it has {available} CUDA devices (one per process)"
+                )
+        elif nproc > available:
             raise RloptError(f"--nproc {nproc} but this host has {available} CUDA devices (one per process)")
 
 
