@@ -11,7 +11,9 @@ The process group is gloo on CPU (it has no bf16: CPU runs are fp32) and nccl on
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -155,4 +157,18 @@ def launch(
     ]
     full_env = dict(os.environ if env is None else env)
     full_env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, said here so it does not warn
-    return subprocess.run(cmd, env=full_env, check=False, stdout=output, stderr=output).returncode
+    arm = functools.partial(die_with, os.getpid()) if sys.platform.startswith("linux") else None
+    run = subprocess.run(cmd, env=full_env, check=False, stdout=output, stderr=output, preexec_fn=arm)
+    return run.returncode
+
+
+def die_with(launcher: int) -> None:
+    """In torchrun's process, before it starts (Linux): SIGTERM when its launcher dies, even by kill -9 (a sweep
+    worker killed with its sweep), which torchrun passes on to its ranks, so no orphaned run trains on holding
+    its folder's lock."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != launcher:  # it died before the signal was armed
+        os._exit(1)
