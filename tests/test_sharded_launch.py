@@ -27,6 +27,7 @@ from rlopt_cli.study.launchers import slurm_parameters
 from rlopt_cli.study.local_gpus import gpus_per_cell
 from rlopt_cli.study.sweep import load_sweep, settings_from
 from rlopt_cli.training import loop as trainer
+from rlopt_cli.training.sharding import SHARED_WAIT_ENV
 from rlopt_cli.training.tracking import read_metrics
 from tests.conftest import TINY
 from tests.test_sharded import EXACT
@@ -230,7 +231,7 @@ def test_two_machines_equal_one_process(tmp_path: Path, tiny_overrides: list[str
     assert_same_run(one, tmp_path / "two" / "run")
     assert json.loads((tmp_path / "two" / "run" / "meta.json").read_text())["world_size"] == 2
 
-    own_cache = {"RLOPT_CACHE": str(tmp_path / "machine-1-cache")}
+    own_cache = {"RLOPT_CACHE": str(tmp_path / "machine-1-cache"), SHARED_WAIT_ENV: "1"}
     nodes = two_machines(overrides, tmp_path / "apart", [{}, own_cache])
     for code, output in nodes:
         assert code != 0

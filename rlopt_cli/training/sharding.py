@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -191,18 +192,33 @@ class Gathered:
             yield name, param.full_tensor() if isinstance(param, DTensor) else param
 
 
+SHARED_WAIT_ENV = "RLOPT_SHARED_WAIT_S"  # how long a rank waits to see a file rank 0 wrote (default 60 s)
+
+
 def check_shared(world: World, path: Path, what: str) -> None:
     """The same one-line error on every rank when some rank cannot see `path`, which rank 0 wrote: ranks on
-    several machines read rank 0's files, so those must be on a filesystem every machine shares. One all-reduce
-    (every rank raises, none waits at a later collective); nothing in one process."""
+    several machines read rank 0's files, so those must be on a filesystem every machine shares. A rank that
+    does not see it yet waits (a network filesystem may cache "absent" for seconds); then one all-reduce, so
+    every rank raises and none waits at a later collective. Nothing in one process."""
     if not world.sharded:
         return
-    missing = int(world.sum([0.0 if path.exists() else 1.0])[0])
+    deadline = time.monotonic() + float(os.environ.get(SHARED_WAIT_ENV, "60"))
+    while not visible(path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    missing = int(world.sum([0.0 if visible(path) else 1.0])[0])
     if missing:
         raise RloptError(
             f"{missing} of {world.size} processes cannot see {what}, {path}, which rank 0 wrote: a run over "
             "several machines needs it on a filesystem they all share"
         )
+
+
+def visible(path: Path) -> bool:
+    try:  # listing the folder makes a network filesystem (NFS) revalidate it, instead of a cached "absent"
+        os.listdir(path.parent)
+    except OSError:
+        pass
+    return path.exists()
 
 
 class NullMetrics:
