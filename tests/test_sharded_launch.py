@@ -123,6 +123,14 @@ def test_a_grid_that_cannot_run_sharded_is_refused_before_any_cell(
     assert not (tmp_path / "out").exists()
 
 
+def test_the_sharded_smoke_sweep_expands_to_cells_that_run_sharded() -> None:
+    from rlopt_cli.study.sharded_cell import check_cells
+
+    sweep = load_sweep(REPO / "recipes" / "sweep_sharded_smoke.toml")
+    assert (sweep.settings.nproc, len(sweep.cells)) == (2, 2)
+    check_cells(sweep.cells, sweep.settings, "local", cores=2)  # raises if a cell cannot run sharded
+
+
 def test_a_sharded_cell_asks_for_nproc_times_its_resources() -> None:
     settings = settings_from({"name": "s", "resources": {"nproc": 4, "num_gpus": 1, "num_cpus": 3}})
     params = slurm_parameters(settings, workers=5)
