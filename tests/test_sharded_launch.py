@@ -1,6 +1,7 @@
 """Sharded runs launched by others: sweep cells of several processes (`[sweep.resources] nproc`, on the local
-and Ray launchers), SLURM's resources for them, and one run over two torchrun "machines" (--nnodes 2, as
-recipes/slurm/train_multinode.sbatch starts it), each against the one-process run of the same config.
+launcher here and on Ray in test_sweep.py's Ray test), SLURM's resources for them, and one run over two torchrun
+"machines" (--nnodes 2, as recipes/slurm/train_multinode.sbatch starts it), each against the one-process run
+of the same config.
 
 What must be equal, and how closely, is tests/test_sharded.py's: completions, rewards, lengths and eval accuracy
 exactly; losses and gradient norms to fp32 summation order. Runs are 2 steps to keep CI short.
@@ -169,34 +170,34 @@ def test_over_several_machines_rank_is_global_and_gpus_are_counted_per_machine(
 
 
 @pytest.mark.slow
-def test_sharded_cells_on_the_local_and_ray_launchers_equal_one_process_runs(tmp_path: Path) -> None:
-    """Cell s0 through the local pool, cell s1 as a Ray task on a real 2-CPU local cluster, each as 2 torchrun
-    ranks; both equal the cells run in one process."""
+def test_a_sharded_cell_on_the_local_launcher_equals_the_one_process_run(tmp_path: Path) -> None:
+    """Cell s0 through the local pool as 2 torchrun ranks. (Cell s1 runs as a Ray task in
+    test_sweep.py::test_ray_launcher_on_a_real_local_cluster, whose cluster is up already.)"""
     path = sweep_file(tmp_path)
-    cells = {c.axes["seed"]: c for c in load_sweep(path).cells}
-    ones = {seed: trainer.train(c.config, tmp_path / "one", quiet) for seed, c in cells.items()}
+    cell = next(c for c in load_sweep(path).cells if c.axes["seed"] == 0)
+    one = trainer.train(cell.config, tmp_path / "one", quiet)
 
     local = invoke("sweep", str(path), "--only", "seed=0", "--out", str(tmp_path))
     assert local.exit_code == 0, local.output
     sweep_dir = tmp_path / "sharded"
-    assert_same_run(ones[0], sweep_dir / cells[0].name)
-    meta = json.loads((sweep_dir / cells[0].name / "meta.json").read_text())
-    assert meta["world_size"] == 2
-    log = (sweep_dir / "logs" / f"{cells[0].name}.log").read_text()
+    assert_same_run(one, sweep_dir / cell.name)
+    assert json.loads((sweep_dir / cell.name / "meta.json").read_text())["world_size"] == 2
+    log = (sweep_dir / "logs" / f"{cell.name}.log").read_text()
     assert "2 processes (torchrun), 1 threads each" in log
-    assert (
-        load_config(sweep_dir / "logs" / f"{cells[0].name}.toml", []) == cells[0].config
-    )  # the ranks' recipe
+    assert load_config(sweep_dir / "logs" / f"{cell.name}.toml", []) == cell.config  # the ranks' recipe
 
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # exactly one 2-process cell's CPUs
-    try:
-        remote = invoke("sweep", str(path), "--only", "seed=1", "--launcher", "ray", "--out", str(tmp_path))
-    finally:
-        ray.shutdown()
+
+def ray_sharded_cell(tmp_path: Path) -> None:
+    """Cell s1 as a Ray task on the running cluster (2 CPUs: exactly one 2-process cell's), equal to the cell
+    run in one process."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = sweep_file(tmp_path)
+    cell = next(c for c in load_sweep(path).cells if c.axes["seed"] == 1)
+    one = trainer.train(cell.config, tmp_path / "one", quiet)
+    remote = invoke("sweep", str(path), "--only", "seed=1", "--launcher", "ray", "--out", str(tmp_path))
     assert remote.exit_code == 0, remote.output
-    assert_same_run(ones[1], sweep_dir / cells[1].name)
-    assert json.loads((sweep_dir / cells[1].name / "meta.json").read_text())["world_size"] == 2
+    assert_same_run(one, tmp_path / "sharded" / cell.name)
+    assert json.loads((tmp_path / "sharded" / cell.name / "meta.json").read_text())["world_size"] == 2
 
 
 def free_port() -> int:
