@@ -206,44 +206,67 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def two_machines(overrides: list[str], out: Path, envs: list[dict[str, str]]) -> list[tuple[int, str]]:
-    """`rlopt train` as two torchrun agents of one process each ("machines" 0 and 1, rendezvous c10d on this
-    host), as recipes/slurm/train_multinode.sbatch starts them; (exit code, output) of each."""
-    endpoint = f"127.0.0.1:{free_port()}"
-    sets = [a for o in overrides for a in ("--set", o)]
-    rdzv = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}"]
-    nodes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--node-rank={node}"]
-            + ["-m", "rlopt_cli.cli", "train", "--out", str(out), *sets],
-            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for node, env in enumerate(envs)
-    ]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
-    return [(node.returncode, output) for node, output in zip(nodes, outputs, strict=True)]
+SRUN = """#!/bin/bash
+# srun's stand-in: the job step's command once per node of the job, every node on this host; fails if one fails
+while [[ $1 == -* ]]; do shift; done
+pids=()
+for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do
+    extra=()
+    if [[ $node == 1 ]]; then extra=($NODE1_ENV); fi  # what differs on the second machine
+    env SLURM_NODEID=$node SLURM_PROCID=$node "${extra[@]}" "$@" &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+exit $status
+"""
+
+
+def sbatch_on_two_machines(tmp: Path, args: list[str], node1_env: dict[str, str]) -> tuple[int, str]:
+    """recipes/slurm/train_multinode.sbatch as SLURM runs it on a job of 2 nodes, both on this host: `scontrol`
+    names this host as both nodes and `srun` starts the script's torchrun once per node (SLURM's own commands
+    are not here). `node1_env` is set on node 1 only. Returns (exit code, both nodes' output)."""
+    tools = tmp / "slurm-tools"
+    tools.mkdir(parents=True)
+    scripts = {
+        "scontrol": "#!/bin/sh\nprintf '127.0.0.1\\n127.0.0.1\\n'\n",  # show hostnames: node 0, node 1
+        "srun": SRUN,
+        "python": f'#!/bin/sh\nexec "{sys.executable}" "$@"\n',  # this interpreter, with its packages
+    }
+    for name, text in scripts.items():
+        (tools / name).write_text(text)
+        (tools / name).chmod(0o755)
+    job = {"SLURM_JOB_NODELIST": "node[0-1]", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "7"}
+    env = dict(os.environ, PATH=f"{tools}:{os.environ['PATH']}", PYTHONPATH=str(REPO), **job)
+    env |= {"GPUS_PER_NODE": "1", "RLOPT_RDZV_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    env["NODE1_ENV"] = " ".join(f"{k}={v}" for k, v in node1_env.items())
+    script = REPO / "recipes" / "slurm" / "train_multinode.sbatch"
+    run = subprocess.run(
+        ["bash", str(script), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    return run.returncode, run.stdout + run.stderr
 
 
 @pytest.mark.slow
 def test_two_machines_equal_one_process(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    """The second agent's rank is 1 with LOCAL_RANK 0. On one host the run folder and the warm-up cache are
-    shared, and the run equals the one-process run; a "machine" with a cache of its own fails in one line."""
+    """The multi-node sbatch script on two "machines" of one process each: the second agent's rank is 1 with
+    LOCAL_RANK 0. On one host the run folder and the warm-up cache are shared, and the run equals the
+    one-process run; a machine with a cache of its own stops both in one line."""
     overrides = [*tiny_overrides, *SHARDED, "optimizer.momentum=0.9", "train.run_name=run"]
     one = trainer.train(load_config(None, overrides), tmp_path / "one", quiet)  # warms the shared cache
+    sets = [a for o in overrides for a in ("--set", o)]
 
-    nodes = two_machines(overrides, tmp_path / "two", [{}, {}])
-    assert [code for code, _ in nodes] == [0, 0], nodes[0][1][-3000:] + nodes[1][1][-3000:]
+    code, output = sbatch_on_two_machines(tmp_path / "a", [*sets, "--out", str(tmp_path / "two")], {})
+    assert code == 0, output[-5000:]
     assert_same_run(one, tmp_path / "two" / "run")
     assert json.loads((tmp_path / "two" / "run" / "meta.json").read_text())["world_size"] == 2
 
     own_cache = {"RLOPT_CACHE": str(tmp_path / "machine-1-cache"), SHARED_WAIT_ENV: "1"}
-    nodes = two_machines(overrides, tmp_path / "apart", [{}, own_cache])
-    for code, output in nodes:
-        assert code != 0
-        assert "error: 1 of 2 processes cannot see the warm-up cache ($RLOPT_CACHE)" in output, output[-3000:]
-        assert "needs it on a filesystem they all share" in output
+    code, output = sbatch_on_two_machines(
+        tmp_path / "b", [*sets, "--out", str(tmp_path / "apart")], own_cache
+    )
+    assert code != 0
+    error = "error: 1 of 2 processes cannot see the warm-up cache ($RLOPT_CACHE), "
+    assert output.count(error) == 2, output[-5000:]  # the same line from both ranks
+    assert "needs it on a filesystem they all share" in output
     assert not (tmp_path / "machine-1-cache").exists()  # machine 1 trained no warm-up of its own
