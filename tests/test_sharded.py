@@ -289,6 +289,16 @@ def test_more_processes_than_gpus(tmp_path: Path) -> None:
     assert "--nproc 2 but this host has 0 CUDA devices" in one_line_error(result)
 
 
+def test_vllm_per_rank_refuses_several_machines(tiny_overrides: list[str]) -> None:
+    from rlopt_cli.errors import RloptError
+    from rlopt_cli.training.sharding import check_sharded
+
+    cfg = load_config(None, [*tiny_overrides, "rollout.backend=vllm", "rollout.seed_scope='prompt'"])
+    check_sharded(cfg, 2, per_host=2)  # one machine: taken
+    with pytest.raises(RloptError, match="runs sharded on one machine only"):
+        check_sharded(cfg, 2, per_host=1)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_the_8b_recipes_pass_the_sharded_checks(optimizer: str) -> None:
     """The paper's 8B recipes carry its flags (vLLM rollouts in sleep mode, a KL term): `--nproc 4` takes them,

@@ -290,14 +290,19 @@ def test_killed_sweep_resumes_the_partial_cell(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ray_launcher_on_a_real_local_cluster(tmp_path: Path) -> None:
+    """The smoke sweep's 4 cells as Ray tasks of 1 CPU each; then, on the same cluster, a sharded cell (nproc 2)
+    as a task of 2 CPUs whose 2 torchrun ranks train what one process trains (test_sharded_launch.py)."""
+    from tests.test_sharded_launch import ray_sharded_cell
+
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         result = invoke("sweep", str(SMOKE), "--launcher", "ray", "--out", str(tmp_path))
+        assert result.exit_code == 0, result.output
+        assert_finished(tmp_path / "sweep_smoke", 4)
+        ray_sharded_cell(tmp_path / "sharded")
     finally:
         ray.shutdown()
-    assert result.exit_code == 0, result.output
-    assert_finished(tmp_path / "sweep_smoke", 4)
 
 
 @pytest.mark.slow

@@ -23,6 +23,8 @@ def sweep(
     """Run every unfinished cell of a sweep (finished ones are skipped, partial ones resume), then report."""
     from rlopt_cli.errors import RloptError
     from rlopt_cli.runtime.folder_lock import FolderLock, make_folder
+    from rlopt_cli.study.launchers import cpu_count
+    from rlopt_cli.study.sharded_cell import check_cells
     from rlopt_cli.study.sweep import LAUNCHER_NAMES, load_sweep, select
     from rlopt_cli.study.sweep_folder import cell_status, check_folder, check_unchanged, claim_folder
 
@@ -34,11 +36,13 @@ def sweep(
     cells = select(plan.cells, only)
     sweep_dir = out / plan.settings.name
     statuses = {c.name: cell_status(sweep_dir, c) for c in cells}
+    name = launcher or plan.settings.launcher
     if dry_run:
         console().print(
             plan_table(cells, statuses, f"{plan.settings.name}: {len(cells)} cells in {sweep_dir}")
         )
         check_unchanged(sweep_dir, cells)
+        check_cells(cells, plan.settings, name, cpu_count())
         return
     if not cells:
         raise RloptError(f"--only {' '.join(only)} matches no cell of {file}")
@@ -46,6 +50,7 @@ def sweep(
     pin_cpu_kernels(
         cells[0].config.train.cpu_isa
     )  # workers inherit it; each also pins its own cell's setting
+    check_cells(cells, plan.settings, name, cpu_count())  # sharded cells (nproc > 1); loads torch, pinned
     make_folder(sweep_dir)
     with FolderLock(sweep_dir, "sweep"):  # one sweep per folder; its workers die with it (launchers.py)
         claim_folder(sweep_dir, plan)
@@ -101,8 +106,10 @@ def run_cells(
     from rlopt_cli.config.recipes import to_dict
     from rlopt_cli.study.launchers import Job, cpu_count, launch
 
-    threads = max(1, int(settings.num_cpus)) if launcher != "local" else max(1, cpu_count() // workers)
-    jobs = [Job(c.name, to_dict(c.config), str(sweep_dir), threads) for c in todo]
+    # threads per process: a local cell's share of the cores (split among its nproc ranks), else num_cpus
+    local = max(1, cpu_count() // (workers * settings.nproc))
+    threads = max(1, int(settings.num_cpus)) if launcher != "local" else local
+    jobs = [Job(c.name, to_dict(c.config), str(sweep_dir), threads, nproc=settings.nproc) for c in todo]
     display = SweepDisplay(cells, sweep_dir, len(todo))
     with Live(display.render(), console=console(), refresh_per_second=2, transient=False) as live:
 

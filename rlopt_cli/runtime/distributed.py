@@ -11,22 +11,27 @@ The process group is gloo on CPU (it has no bf16: CPU runs are fp32) and nccl on
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 
 @dataclass(frozen=True)
 class World:
-    """This process's place in the run: rank `rank` of `size`, on local device `local_rank`."""
+    """This process's place in the run: rank `rank` of `size`, on local device `local_rank`. Over several
+    machines `rank` is global (rank 0 leads the whole run) and `local_rank` counts on this machine."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1
+    """Ranks on this machine (torchrun's LOCAL_WORLD_SIZE): `size` on one machine, less over several."""
 
     @classmethod
     def single(cls) -> World:
@@ -38,7 +43,8 @@ class World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:
             return cls()
-        return cls(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+        local = (int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", str(size))))
+        return cls(int(os.environ["RANK"]), size, *local)
 
     @property
     def sharded(self) -> bool:
@@ -140,8 +146,11 @@ class World:
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
-def launch(nproc: int, argv: list[str], env: dict[str, Any] | None = None) -> int:
+def launch(
+    nproc: int, argv: list[str], env: dict[str, Any] | None = None, output: IO[str] | None = None
+) -> int:
     """Run `rlopt <argv>` as `nproc` ranks under torchrun on this host; returns torchrun's exit code.
+    `output`: where the ranks' and torchrun's stdout and stderr go (a sweep cell's log); None: this process's.
 
     `--standalone` gives the ranks a private rendezvous on a free local port, so runs never collide. A
     subprocess, not `torch.distributed.run.main` in this process: the ranks must not inherit this process's
@@ -158,4 +167,18 @@ def launch(nproc: int, argv: list[str], env: dict[str, Any] | None = None) -> in
     ]
     full_env = dict(os.environ if env is None else env)
     full_env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, said here so it does not warn
-    return subprocess.run(cmd, env=full_env, check=False).returncode
+    arm = functools.partial(die_with, os.getpid()) if sys.platform.startswith("linux") else None
+    run = subprocess.run(cmd, env=full_env, check=False, stdout=output, stderr=output, preexec_fn=arm)
+    return run.returncode
+
+
+def die_with(launcher: int) -> None:
+    """In torchrun's process, before it starts (Linux): SIGTERM when its launcher dies, even by kill -9 (a sweep
+    worker killed with its sweep), which torchrun passes on to its ranks, so no orphaned run trains on holding
+    its folder's lock."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != launcher:  # it died before the signal was armed
+        os._exit(1)

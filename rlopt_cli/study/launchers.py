@@ -20,6 +20,7 @@ import ctypes
 import functools
 import importlib
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -35,6 +36,7 @@ from rlopt_cli.config.recipes import from_dict
 from rlopt_cli.errors import RloptError
 from rlopt_cli.runtime.cpu_kernels import VARIABLES, pin
 from rlopt_cli.study.local_gpus import GpuPool, gpus_per_cell, visible_gpus
+from rlopt_cli.study.sharded_cell import run_sharded
 
 OnFinish = Callable[[str, "dict[str, Any] | None", "str | None"], None]
 """Called as on_finish(cell_name, summary or None, error line or None) when a cell ends."""
@@ -52,6 +54,8 @@ class Job:
     threads: int = 1
     gpus: str | None = None
     """CUDA_VISIBLE_DEVICES for the cell (local launcher with num_gpus > 0); None leaves the environment as is."""
+    nproc: int = 1
+    """Processes of the cell: > 1 runs it sharded, as torchrun ranks of `threads` threads each (sharded_cell.py)."""
 
 
 def run_cell(job: Job) -> dict[str, Any]:
@@ -62,11 +66,6 @@ def run_cell(job: Job) -> dict[str, Any]:
     # Pin the CPU kernels before this worker's first torch import (Ray and SLURM workers start bare), so torch
     # and the training loop are imported here, after the pin, not at the top of the module.
     note = pin(cfg.train.cpu_isa)
-    import torch  # heavy: imported on use
-
-    from rlopt_cli.training.loop import train
-
-    torch.set_num_threads(max(1, job.threads))  # N cells on N cores: one thread each, not N x N
     log = Path(job.out_dir) / "logs" / f"{job.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
 
@@ -78,8 +77,16 @@ def run_cell(job: Job) -> dict[str, Any]:
         say(note)
     if job.gpus is not None:
         say(f"GPUs: CUDA_VISIBLE_DEVICES={job.gpus}")
+    if job.nproc > 1:  # the ranks are processes of their own (torchrun); this one only waits for them
+        say(f"{job.nproc} processes (torchrun), {job.threads} threads each")
+        run_dir = run_sharded(cfg, job.nproc, job.threads, Path(job.out_dir), log)
+    else:
+        import torch  # heavy: imported on use
 
-    run_dir = train(cfg, job.out_dir, say)
+        from rlopt_cli.training.loop import train
+
+        torch.set_num_threads(max(1, job.threads))  # N cells on N cores: one thread each, not N x N
+        run_dir = train(cfg, job.out_dir, say)
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -216,7 +223,8 @@ def launch_local(jobs: list[Job], settings: Any, workers: int, on_finish: OnFini
         if not one_each:  # a reused worker has started CUDA in its previous cell: it cannot change its GPUs
             raise RloptError("local cells get GPUs of their own on Python >= 3.11 only; use --launcher ray")
         available = visible_gpus(os.environ, torch_gpu_count)
-        gpus = GpuPool(available, gpus_per_cell(settings.num_gpus, min(workers, len(jobs)), available))
+        per_cell = gpus_per_cell(settings.num_gpus, min(workers, len(jobs)), available, settings.nproc)
+        gpus = GpuPool(available, per_cell)
     ctx, parent = pool_context(jobs)
     queue = list(jobs)
     with cf.ProcessPoolExecutor(
@@ -284,11 +292,17 @@ def import_extra(module: str, extra: str, launcher: str) -> Any:
 
 
 def launch_ray(jobs: list[Job], settings: Any, workers: int, on_finish: OnFinish, on_tick: OnTick) -> None:
-    """Each cell a Ray task with the sweep's num_cpus/num_gpus, on RAY_ADDRESS's cluster or a local one."""
+    """Each cell a Ray task with the sweep's num_cpus/num_gpus, on RAY_ADDRESS's cluster or a local one.
+
+    A sharded cell's task asks for nproc times both: Ray places a task on one node and makes all of its GPUs
+    visible to it (CUDA_VISIBLE_DEVICES), so the torchrun ranks it starts share that node and its GPUs. (A
+    placement group of nproc bundles would reserve the same, but the task, drawing on one bundle, would see
+    only that bundle's GPUs.)"""
     ray = import_extra("ray", "ray", "ray")
     if not ray.is_initialized():  # a caller (or a test) may have started one with its own resources
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False)
-    remote = ray.remote(run_cell).options(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus)
+    n = settings.nproc
+    remote = ray.remote(run_cell).options(num_cpus=n * settings.num_cpus, num_gpus=n * settings.num_gpus)
     refs = {remote.remote(job): job.name for job in jobs}
     pending = list(refs)
     try:
@@ -313,14 +327,7 @@ def launch_slurm(jobs: list[Job], settings: Any, workers: int, on_finish: OnFini
     cluster = os.environ.get("RLOPT_SLURM_CLUSTER") or settings.slurm_cluster or None
     folder = Path(jobs[0].out_dir) / ".submitit" / "%j"
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
-    params: dict[str, Any] = {
-        "timeout_min": settings.slurm_time_min,
-        "gpus_per_node": settings.slurm_gpus_per_node,
-        "cpus_per_task": max(1, int(settings.num_cpus)),
-        "slurm_array_parallelism": workers,
-    }
-    if settings.slurm_partition:
-        params["slurm_partition"] = settings.slurm_partition
+    params = slurm_parameters(settings, workers)
     executor.update_parameters(**params)
     array = executor.map_array(run_cell, jobs)
     names = {job.job_id: j.name for job, j in zip(array, jobs, strict=True)}
@@ -336,6 +343,22 @@ def launch_slurm(jobs: list[Job], settings: Any, workers: int, on_finish: OnFini
         for job in pending:
             job.cancel(check=False)
         raise
+
+
+def slurm_parameters(settings: Any, workers: int) -> dict[str, Any]:
+    """submitit's parameters for one array task: one task on one node, with nproc x num_cpus cores and
+    [sweep.slurm] gpus_per_node GPUs, or nproc x num_gpus when that is unset (torchrun's ranks share the node)."""
+    gpus = settings.slurm_gpus_per_node or math.ceil(settings.nproc * settings.num_gpus)
+    params: dict[str, Any] = {
+        "timeout_min": settings.slurm_time_min,
+        "gpus_per_node": gpus,
+        "tasks_per_node": 1,  # torchrun starts the ranks inside the one task
+        "cpus_per_task": max(1, math.ceil(settings.nproc * settings.num_cpus)),
+        "slurm_array_parallelism": workers,
+    }
+    if settings.slurm_partition:
+        params["slurm_partition"] = settings.slurm_partition
+    return params
 
 
 LAUNCHERS: dict[str, Callable[[list[Job], Any, int, OnFinish, OnTick], None]] = {

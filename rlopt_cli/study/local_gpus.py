@@ -31,22 +31,26 @@ def visible_gpus(environ: Mapping[str, str], count: Callable[[], int]) -> list[s
     return ids
 
 
-def gpus_per_cell(num_gpus: float, running: int, available: list[str]) -> int:
-    """Whole GPUs per local cell; a one-line error when `running` cells at once cannot each have their own."""
+def gpus_per_cell(num_gpus: float, running: int, available: list[str], nproc: int = 1) -> int:
+    """Whole GPUs per local cell (num_gpus per process, `nproc` processes); a one-line error when `running`
+    cells at once cannot each have their own."""
     if num_gpus != int(num_gpus):
         raise RloptError(
             f"[sweep.resources] num_gpus = {num_gpus:g}: the local launcher gives each cell whole GPUs; "
             "set an integer (fractions of a GPU are for --launcher ray)"
         )
-    need = int(num_gpus) * running
+    per_cell = int(num_gpus) * nproc
+    need = per_cell * running
     if need > len(available):
-        fits = len(available) // int(num_gpus)
-        fix = f"set --workers {fits}" if fits else f"set [sweep.resources] num_gpus <= {len(available)}"
+        fits = len(available) // per_cell
+        each = f"num_gpus = {int(num_gpus)}" + (f" x nproc = {nproc}" if nproc > 1 else "")
+        what = "num_gpus" + (" x nproc" if nproc > 1 else "")
+        fix = f"set --workers {fits}" if fits else f"set [sweep.resources] {what} <= {len(available)}"
         raise RloptError(
-            f"{running} cells at once x num_gpus = {int(num_gpus)} need {need} GPUs, but this machine shows "
+            f"{running} cells at once x {each} need {need} GPUs, but this machine shows "
             f"{len(available)} ({', '.join(available) or 'none'}): {fix}"
         )
-    return int(num_gpus)
+    return per_cell
 
 
 @dataclass

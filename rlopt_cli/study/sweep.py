@@ -5,7 +5,9 @@ A sweep file is TOML (see recipes/lr_grid.toml for a complete, commented one):
     [sweep]                          name, base recipe, launcher defaults, resources
     name = "lr_grid"                 -> results/lr_grid/<run-name>/ for every cell
     base = "default.toml"            a recipe, relative to the sweep file (optional)
-    [sweep.resources]                num_cpus / num_gpus of one cell (ray tasks, slurm cpus_per_task)
+    [sweep.resources]                num_cpus / num_gpus of one cell (ray tasks, slurm cpus_per_task);
+                                     nproc = N shards every cell over N processes (torchrun), each with
+                                     num_cpus / num_gpus of its own
     [sweep.slurm]                    partition, time_min, gpus_per_node, cluster ("local" runs here)
     [train] / [grpo] / ...           inline sections, overriding the base recipe key by key
     [grid]
@@ -42,6 +44,7 @@ OPTIMIZER_ARGS = sorted({k for spec in OPTIMIZERS.values() for k in spec.default
 
 LAUNCHER_NAMES = ("local", "ray", "slurm")
 SWEEP_FILE = "sweep.toml"
+RESOURCES = ("num_cpus", "num_gpus", "nproc")
 # Axes that have their own place in the grid; naming them as plain axes would fight that place.
 RESERVED_AXES = {"train.seed": "seeds = [...]", "train.run_name": "[sweep] run_name"}
 
@@ -57,15 +60,17 @@ class Settings:
     workers: int = 1
     """local: processes running cells at once; slurm: array parallelism."""
     num_cpus: float = 1.0
-    """Cores one cell uses (ray task resources, slurm cpus_per_task, torch threads)."""
+    """Cores one cell uses (ray task resources, slurm cpus_per_task, torch threads); per process when nproc > 1."""
     num_gpus: float = 0.0
-    """GPUs one cell uses (ray task resources)."""
+    """GPUs one cell uses (ray task resources); per process of a sharded cell (nproc > 1)."""
+    nproc: int = 1
+    """Processes of one cell: > 1 runs every cell as a sharded run (FSDP2 under torchrun) on one machine."""
     slurm_partition: str = ""
     """slurm: partition (empty = the cluster's default)."""
     slurm_time_min: int = 60
     """slurm: time limit of one array task, minutes."""
     slurm_gpus_per_node: int = 0
-    """slurm: GPUs of one array task."""
+    """slurm: GPUs of one array task; 0 = nproc x num_gpus."""
     slurm_cluster: str = ""
     """submitit cluster: empty = auto (slurm if sbatch exists, else local); 'local' or 'debug' to test."""
     run_name: str = ""
@@ -83,6 +88,19 @@ class Settings:
             raise RloptError(f"[sweep] workers = {self.workers} must be >= 1")
         if self.num_cpus <= 0 or self.num_gpus < 0:
             raise RloptError("[sweep.resources] num_cpus must be > 0 and num_gpus >= 0")
+        if self.nproc < 1:
+            raise RloptError(f"[sweep.resources] nproc = {self.nproc} must be >= 1")
+        if self.nproc > 1 and self.num_gpus not in (0, 1):  # a rank computes on one GPU, cuda:LOCAL_RANK
+            raise RloptError(
+                f"[sweep.resources] num_gpus = {self.num_gpus:g} with nproc = {self.nproc}: each process of a "
+                "sharded cell uses one GPU; set num_gpus = 1 (per process) or 0 (CPU)"
+            )
+        short = self.slurm_gpus_per_node and self.num_gpus and self.slurm_gpus_per_node < self.nproc
+        if self.nproc > 1 and short:
+            raise RloptError(
+                f"[sweep.slurm] gpus_per_node = {self.slurm_gpus_per_node} but a cell's {self.nproc} processes "
+                f"need one GPU each: set gpus_per_node = {self.nproc}, or drop it"
+            )
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,12 @@ def load_sweep(path: str | Path) -> Sweep:
 def settings_from(table: dict[str, Any]) -> Settings:
     resources = table.get("resources", {})
     slurm = table.get("slurm", {})
+    for key in resources:  # a misspelt nproc must not run every cell in one process
+        if key not in RESOURCES:
+            raise RloptError(
+                f"unknown key [sweep.resources] {key}{close_matches(key, RESOURCES)} "
+                f"(valid: {', '.join(RESOURCES)})"
+            )
     known = {"name", "base", "launcher", "workers", "run_name", "resources", "slurm"}
     for key in table:
         if key not in known:
@@ -148,6 +172,7 @@ def settings_from(table: dict[str, Any]) -> Settings:
             workers=int(table.get("workers", 1)),
             num_cpus=float(resources.get("num_cpus", 1)),
             num_gpus=float(resources.get("num_gpus", 0)),
+            nproc=int(resources.get("nproc", 1)),
             slurm_partition=slurm.get("partition", ""),
             slurm_time_min=int(slurm.get("time_min", 60)),
             slurm_gpus_per_node=int(slurm.get("gpus_per_node", 0)),

@@ -58,7 +58,7 @@ from rlopt_cli.training.run_folder import claim_run, inspect_run, summarize, upd
 from rlopt_cli.training.steps import grpo_step, sft_step
 from rlopt_cli.training.tracking import MetricsFile, NullSink, Sink, WandbSink, read_metrics
 from rlopt_cli.training.update_fraction import UpdateReference
-from rlopt_cli.training.warmup import warm_start
+from rlopt_cli.training.warmup import needs_warm_up, warm_run_dir, warm_start
 
 
 def train(
@@ -80,7 +80,7 @@ def train(
     if inspect_run(run_dir, cfg).finished:
         say(f"{run_dir} already finished ({cfg.train.steps} steps); nothing to do")
         return run_dir
-    sharding.check_sharded(cfg, world.size)
+    sharding.check_sharded(cfg, world.size, world.local_size)
     device = world.device(resolve_device(cfg.train.device))
     check_attention(cfg.model.attn_implementation, device)
     torch.manual_seed(cfg.train.seed)
@@ -115,12 +115,15 @@ def run_training(
     warm_up = partial(train, world=World.single())
     warm = warm_start(cfg, warm_up, say) if world.lead else None
     world.barrier()
+    if needs_warm_up(cfg):  # ranks on other machines read rank 0's cache: it must be on a shared filesystem
+        sharding.check_shared(world, warm_run_dir(cfg) / "summary.json", "the warm-up cache ($RLOPT_CACHE)")
     if not world.lead:
         warm = warm_start(cfg, warm_up, say)
     model, tokenizer = load_policy(cfg, device, warm)
     # only now: a model that fails to load claims nothing; rank 0 claims, the others read what it claimed
     state = claim_run(run_dir, cfg) if world.lead else None
     world.barrier()
+    sharding.check_shared(world, run_dir / "config.toml", "the run folder (--out)")
     state = state or inspect_run(run_dir, cfg)
     kill_point("startup")
     ref_model = None

@@ -39,6 +39,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -59,8 +60,9 @@ from rlopt_cli.training.checkpoint import export_weights, step_dir
 from rlopt_cli.training.trainer_state import DCP_DIR, SafeLoadPlanner, is_dcp
 
 
-def check_sharded(cfg: RunConfig, nproc: int) -> None:
-    """One-line errors, before any process starts, for what a run of `nproc` processes cannot do."""
+def check_sharded(cfg: RunConfig, nproc: int, per_host: int | None = None) -> None:
+    """One-line errors, before any process starts, for what a run of `nproc` processes cannot do; `per_host`:
+    how many of them run on this host (all of them unless the run spans several machines)."""
     if nproc < 1:
         raise RloptError(f"--nproc = {nproc} must be >= 1")
     if nproc == 1:
@@ -72,6 +74,11 @@ def check_sharded(cfg: RunConfig, nproc: int) -> None:
             not grpo_run and cfg.rollout.backend != "hf",
             "a sharded SFT run evaluates with rollout.backend='hf' (its steps do not sync a vLLM engine); "
             "set rollout.backend=hf",
+        ),
+        (
+            cfg.rollout.backend == "vllm" and per_host is not None and per_host < nproc,
+            "rollout.backend = 'vllm' runs sharded on one machine only (rank 0 writes the engines' starting "
+            "folder in its own temporary directory); use rollout.backend='hf' over several machines",
         ),
         (
             grpo_run and cfg.rollout.seed_scope != "prompt",
@@ -115,7 +122,12 @@ def check_sharded(cfg: RunConfig, nproc: int) -> None:
     device = cfg.train.device
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         available = torch.cuda.device_count()
-        if nproc > available:
+        if per_host is not None and per_host != nproc:  # several machines: their GPUs are not this host's
+            if per_host > available:
+                raise RloptError(
+                    f"{per_host} processes on this host but it has {available} CUDA devices (one per process)"
+                )
+        elif nproc > available:
             raise RloptError(f"--nproc {nproc} but this host has {available} CUDA devices (one per process)")
 
 
@@ -202,6 +214,35 @@ class Gathered:
 
         for name, param in self.model.named_parameters():
             yield name, param.full_tensor() if isinstance(param, DTensor) else param
+
+
+SHARED_WAIT_ENV = "RLOPT_SHARED_WAIT_S"  # how long a rank waits to see a file rank 0 wrote (default 60 s)
+
+
+def check_shared(world: World, path: Path, what: str) -> None:
+    """The same one-line error on every rank when some rank cannot see `path`, which rank 0 wrote: ranks on
+    several machines read rank 0's files, so those must be on a filesystem every machine shares. A rank that
+    does not see it yet waits (a network filesystem may cache "absent" for seconds); then one all-reduce, so
+    every rank raises and none waits at a later collective. Nothing in one process."""
+    if not world.sharded:
+        return
+    deadline = time.monotonic() + float(os.environ.get(SHARED_WAIT_ENV, "60"))
+    while not visible(path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    missing = int(world.sum([0.0 if visible(path) else 1.0])[0])
+    if missing:
+        raise RloptError(
+            f"{missing} of {world.size} processes cannot see {what}, {path}, which rank 0 wrote: a run over "
+            "several machines needs it on a filesystem they all share"
+        )
+
+
+def visible(path: Path) -> bool:
+    try:  # listing the folder makes a network filesystem (NFS) revalidate it, instead of a cached "absent"
+        os.listdir(path.parent)
+    except OSError:
+        pass
+    return path.exists()
 
 
 class NullMetrics:

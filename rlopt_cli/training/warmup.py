@@ -70,10 +70,20 @@ def warm_key(cfg: RunConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def needs_warm_up(cfg: RunConfig) -> bool:
+    """Whether the run starts from a warm-up (an embedded model with model.warmup_steps > 0)."""
+    return cfg.model.is_embedded and cfg.model.warmup_steps > 0
+
+
+def warm_run_dir(cfg: RunConfig) -> Path:
+    """The warm-up run's folder in the cache (it may not exist yet)."""
+    return cache_dir() / "warm" / warm_key(cfg) / "warmup"
+
+
 def warm_start(cfg: RunConfig, train: TrainRun, say: Any = print) -> Path | None:
     """The warm-up stage of a run: the checkpoint an embedded model starts from (trained now if the cache lacks
     it), or None where there is nothing to warm up (a model folder, or model.warmup_steps = 0)."""
-    if not cfg.model.is_embedded or cfg.model.warmup_steps == 0:
+    if not needs_warm_up(cfg):
         return None
     return ensure_warm_model(cfg, train, say)
 
@@ -81,8 +91,8 @@ def warm_start(cfg: RunConfig, train: TrainRun, say: Any = print) -> Path | None
 def ensure_warm_model(cfg: RunConfig, train: TrainRun, say: Any = print) -> Path:
     """Path of the warm model's checkpoint, training it first with `train` (the training loop, handed in by its
     caller: the warm-up is a run of that loop) if the cache does not hold it."""
-    root = cache_dir() / "warm" / warm_key(cfg)
-    run_dir = root / "warmup"
+    run_dir = warm_run_dir(cfg)
+    root = run_dir.parent
     if not (run_dir / "summary.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
         with (root / ".lock").open("w") as lock:  # parallel sweep workers wait for one warm-up
