@@ -207,7 +207,8 @@ class VLLMBackend:
     def _request_seed(self, seed: int, i: int, n: int, prompt_seeds: list[int] | None) -> int | None:
         """Prompt i's seed; vLLM gives its child j that seed + j, so each sample has its own stream."""
         if prompt_seeds is not None:  # wherever the prompt is sampled: in any batch, on any rank
-            return prompt_seeds[i] * n  # distinct prompt seeds: children s*n + j never collide
+            # distinct prompt seeds: children s*n + j never collide; kept under 2^62 for the engine's int64 seed
+            return (prompt_seeds[i] * n) % 2**62
         return seed + i * n if self.request_seeds else None
 
     def sync_weights(self, model: Any) -> None:
