@@ -29,6 +29,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -57,6 +58,7 @@ SHARDED = [
 EXACT = (
     "train/reward_mean",
     "train/reward_std",
+    "train/frac_reward_zero_std",
     "train/completion_len",
     "train/truncated_frac",
     "eval/accuracy",
@@ -68,24 +70,27 @@ def quiet(message: str) -> None:
 
 
 def launch(overrides: list[str], out: Path, nproc: int, kill_at: str = "") -> subprocess.CompletedProcess:
+    """`rlopt train --nproc N` as a user runs it, in a fresh interpreter; one intra-op thread per process."""
     args = [a for o in overrides for a in ("--set", o)]
     env = {k: v for k, v in os.environ.items() if k != ENV} | ({ENV: kill_at} if kill_at else {})
-    env["PYTHONPATH"] = str(REPO)
+    env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "rlopt_cli.cli", "train", "--nproc", str(nproc), "--out", str(out), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
-def assert_same_run(one: Path, other: Path) -> None:
+def assert_same_run(one: Path, other: Path, steps: int = 4) -> None:
+    """Run `other` (sharded) is run `one` (one process): exact rollout metrics, losses and gradient norms to fp32
+    rounding (the module docstring's tolerances), the last checkpoint's bf16 weights, the summaries."""
     a, b = read_metrics(one), read_metrics(other)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(steps + 1))
     for ra, rb in zip(a, b, strict=True):
         for key in EXACT:
             assert ra.get(key) == rb.get(key), (ra["step"], key)
         if ra["step"] > 0:
             assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5, abs=1e-7)
             assert rb["train/grad_norm"] == pytest.approx(ra["train/grad_norm"], rel=1e-5)
-    x = load_file(one / "checkpoints/step-000004/model.safetensors")
-    y = load_file(other / "checkpoints/step-000004/model.safetensors")
+    last = f"checkpoints/step-{steps:06d}/model.safetensors"
+    x, y = load_file(one / last), load_file(other / last)
     assert x.keys() == y.keys()
     equal = sum(int((x[k].view(torch.int16) == y[k].view(torch.int16)).sum()) for k in x)
     assert equal / sum(v.numel() for v in x.values()) > 0.999
@@ -203,13 +208,9 @@ def test_sft_on_two_processes_equals_one_and_resumes_after_one_rank_is_killed(
     assert_same_run(one, two)
 
 
-def test_prompt_seed_scope_ignores_the_batch_around_a_prompt(tiny_overrides: list[str]) -> None:
-    from rlopt_cli.models.loading import load_policy
-    from rlopt_cli.rollout.hf import HFBackend
-
-    cfg = load_config(None, [*tiny_overrides, "model.warmup_steps=0"])  # random init: varied completions
-    model, tokenizer = load_policy(cfg, torch.device("cpu"), None)
-    backend = HFBackend(model, tokenizer)
+def assert_prompt_seeded(backend: Any) -> None:
+    """With `prompt_seeds`, a prompt's completions depend on its seed only, not on the batch around it (a
+    sharded run's ranks each sample their share and must draw what one process draws for the whole batch)."""
     prompts, seeds = ["1+2=", "7+8=", "9+9=", "3+4="], [11, 12, 13, 14]
 
     def draw(ps: list[str], ss: list[int]) -> list[str]:
@@ -220,6 +221,15 @@ def test_prompt_seed_scope_ignores_the_batch_around_a_prompt(tiny_overrides: lis
     assert draw(prompts[::-1], seeds[::-1]) == [t for i in (3, 2, 1, 0) for t in whole[4 * i : 4 * i + 4]]
     assert len(set(whole)) > 4  # the draws are random, not all alike
     assert draw(prompts, [s + 100 for s in seeds]) != whole
+
+
+def test_prompt_seed_scope_ignores_the_batch_around_a_prompt(tiny_overrides: list[str]) -> None:
+    from rlopt_cli.models.loading import load_policy
+    from rlopt_cli.rollout.hf import HFBackend
+
+    cfg = load_config(None, [*tiny_overrides, "model.warmup_steps=0"])  # random init: varied completions
+    model, tokenizer = load_policy(cfg, torch.device("cpu"), None)
+    assert_prompt_seeded(HFBackend(model, tokenizer))
 
 
 @pytest.mark.parametrize(

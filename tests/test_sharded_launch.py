@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rlopt_cli.cli import app
@@ -29,9 +28,8 @@ from rlopt_cli.study.local_gpus import gpus_per_cell
 from rlopt_cli.study.sweep import load_sweep, settings_from
 from rlopt_cli.training import loop as trainer
 from rlopt_cli.training.sharding import SHARED_WAIT_ENV
-from rlopt_cli.training.tracking import read_metrics
 from tests.conftest import TINY
-from tests.test_sharded import EXACT
+from tests.test_sharded import assert_same_run
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "recipes" / "default.toml"
@@ -66,24 +64,6 @@ def sweep_file(tmp_path: Path, resources: str = "nproc = 2", overrides: list[str
         f"{body}[grid]\nseeds = [0, 1]\n[grid.optimizers.sgd]\nlr = [0.01]\nmomentum = 0.9\n"
     )
     return path
-
-
-def assert_same_run(one: Path, other: Path) -> None:
-    a, b = read_metrics(one), read_metrics(other)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(STEPS + 1))
-    for ra, rb in zip(a, b, strict=True):
-        for key in EXACT:
-            assert ra.get(key) == rb.get(key), (ra["step"], key)
-        if ra["step"] > 0:
-            assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5, abs=1e-7)
-            assert rb["train/grad_norm"] == pytest.approx(ra["train/grad_norm"], rel=1e-5)
-    last = f"checkpoints/step-{STEPS:06d}/model.safetensors"
-    x, y = load_file(one / last), load_file(other / last)
-    equal = sum(int((x[k].view(torch.int16) == y[k].view(torch.int16)).sum()) for k in x)
-    assert equal / sum(v.numel() for v in x.values()) > 0.999
-    summaries = [json.loads((run / "summary.json").read_text()) for run in (one, other)]
-    for key in ("steps", "n_params", "state_bytes", "final_accuracy"):
-        assert summaries[0][key] == summaries[1][key], key
 
 
 def invoke(*args: str) -> object:
@@ -180,7 +160,7 @@ def test_a_sharded_cell_on_the_local_launcher_equals_the_one_process_run(tmp_pat
     local = invoke("sweep", str(path), "--only", "seed=0", "--out", str(tmp_path))
     assert local.exit_code == 0, local.output
     sweep_dir = tmp_path / "sharded"
-    assert_same_run(one, sweep_dir / cell.name)
+    assert_same_run(one, sweep_dir / cell.name, STEPS)
     assert json.loads((sweep_dir / cell.name / "meta.json").read_text())["world_size"] == 2
     log = (sweep_dir / "logs" / f"{cell.name}.log").read_text()
     assert "2 processes (torchrun), 1 threads each" in log
@@ -196,7 +176,7 @@ def ray_sharded_cell(tmp_path: Path) -> None:
     one = trainer.train(cell.config, tmp_path / "one", quiet)
     remote = invoke("sweep", str(path), "--only", "seed=1", "--launcher", "ray", "--out", str(tmp_path))
     assert remote.exit_code == 0, remote.output
-    assert_same_run(one, tmp_path / "sharded" / cell.name)
+    assert_same_run(one, tmp_path / "sharded" / cell.name, STEPS)
     assert json.loads((tmp_path / "sharded" / cell.name / "meta.json").read_text())["world_size"] == 2
 
 
@@ -258,7 +238,7 @@ def test_two_machines_equal_one_process(tmp_path: Path, tiny_overrides: list[str
 
     code, output = sbatch_on_two_machines(tmp_path / "a", [*sets, "--out", str(tmp_path / "two")], {})
     assert code == 0, output[-5000:]
-    assert_same_run(one, tmp_path / "two" / "run")
+    assert_same_run(one, tmp_path / "two" / "run", STEPS)
     assert json.loads((tmp_path / "two" / "run" / "meta.json").read_text())["world_size"] == 2
 
     own_cache = {"RLOPT_CACHE": str(tmp_path / "machine-1-cache"), SHARED_WAIT_ENV: "1"}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -277,17 +276,10 @@ def test_greedy_matches_hf_in_the_same_layout(engines: tuple[Any, Any, Any]) -> 
 def test_prompt_seeds_make_a_prompts_samples_independent_of_its_batch(engines: tuple[Any, Any, Any]) -> None:
     """rollout.seed_scope = 'prompt': each request is seeded by its prompt's seed, so a sharded run's ranks, each
     sampling its share of the prompts, draw what one process draws for the whole batch."""
+    from tests.test_sharded import assert_prompt_seeded
+
     vllm_backend, _, _ = engines
-    prompts, seeds = ["1+2=", "7+8=", "9+9=", "3+4="], [11, 12, 13, 14]
-
-    def draw(ps: list[str], ss: list[int]) -> list[str]:
-        return vllm_backend.generate(ps, 4, 6, 1.0, seed=0, prompt_seeds=ss).texts
-
-    whole = draw(prompts, seeds)
-    assert draw(prompts[:2], seeds[:2]) + draw(prompts[2:], seeds[2:]) == whole  # split as over 2 processes
-    assert draw(prompts[::-1], seeds[::-1]) == [t for i in (3, 2, 1, 0) for t in whole[4 * i : 4 * i + 4]]
-    assert len(set(whole)) > 4  # the draws are random, not all alike
-    assert draw(prompts, [s + 100 for s in seeds]) != whole
+    assert_prompt_seeded(vllm_backend)
     # consecutive prompt seeds (the loop's) give disjoint sample seeds: prompt 11's samples are not 12's, shifted
     same = vllm_backend.generate(["1+2=", "1+2="], 4, 6, 1.0, seed=0, prompt_seeds=[11, 12]).texts
     assert same[1:4] != same[4:7]
@@ -371,14 +363,6 @@ def test_sync_weights_updates_the_engine(engines: tuple[Any, Any, Any]) -> None:
 # a sharded run: one engine per rank under torchrun
 
 
-def launch(overrides: list[str], out: Path, nproc: int) -> subprocess.CompletedProcess:
-    """`rlopt train --nproc N` as a user runs it, in a fresh interpreter (one in-process engine each)."""
-    args = [a for o in overrides for a in ("--set", o)]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "rlopt_cli.cli", "train", "--nproc", str(nproc), "--out", str(out), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-
-
 # The warmed tiny model (tests/conftest.py), so rewards vary and every step has a gradient; SGD with momentum, as
 # in tests/test_sharded.py (a step linear in the gradient keeps fp32 summation-order noise small).
 SHARDED = [
@@ -392,14 +376,6 @@ SHARDED = [
     "train.checkpoint_every=3",
     "train.run_name=run",
 ]
-EXACT = (
-    "train/reward_mean",
-    "train/reward_std",
-    "train/frac_reward_zero_std",
-    "train/completion_len",
-    "train/truncated_frac",
-    "eval/accuracy",
-)
 
 
 @pytest.mark.slow
@@ -413,6 +389,8 @@ def test_two_processes_with_an_engine_each_equal_one(tmp_path: Path, tiny_overri
     tolerances. An engine a step behind would show in the sampler log-prob gap (fp32 engine and trainer: <= 6e-7
     measured; a step moves log-probs by far more than 1e-4). 3.5 minutes on 2 shared, loaded cores (the engines'
     start dominates), so a resume is not repeated here: it pushes through the same `sync_weights`."""
+    from tests.test_sharded import launch
+
     overrides = [*tiny_overrides, *SHARDED]
     one = launch(overrides, tmp_path / "one", 1)  # also warms the session's cache for the ranks
     assert one.returncode == 0, one.stderr[-3000:]
@@ -420,23 +398,12 @@ def test_two_processes_with_an_engine_each_equal_one(tmp_path: Path, tiny_overri
     assert two.returncode == 0, two.stderr[-3000:]
     assert "Traceback" not in two.stderr  # the engines shut down before the process group goes
     from rlopt_cli.training.tracking import read_metrics
+    from tests.test_sharded import assert_same_run
 
+    assert_same_run(tmp_path / "one/run", tmp_path / "two/run", steps=3)
     a, b = read_metrics(tmp_path / "one/run"), read_metrics(tmp_path / "two/run")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
-    for ra, rb in zip(a, b, strict=True):
-        for key in EXACT:
-            assert ra.get(key) == rb.get(key), (ra["step"], key)
-        if ra["step"] > 0:
-            assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5, abs=1e-7)
-            assert rb["train/grad_norm"] == pytest.approx(ra["train/grad_norm"], rel=1e-5)
-            for r in (ra, rb):  # the engine's log-probs against the trainer's, over the same tokens
-                assert 0 <= r["train/sampler_logp_gap"] <= r["train/sampler_logp_gap_max"] < 1e-4
+    for r in a[1:] + b[1:]:  # the engine's log-probs against the trainer's, over the same tokens
+        assert 0 <= r["train/sampler_logp_gap"] <= r["train/sampler_logp_gap_max"] < 1e-4
     assert all(r["train/grad_norm"] > 0 for r in a[1:])  # the policy moved: the engines had to follow
     assert 0 < a[-1]["eval/accuracy"] < 1
-    from safetensors.torch import load_file
-
-    x = load_file(tmp_path / "one/run/checkpoints/step-000003/model.safetensors")
-    y = load_file(tmp_path / "two/run/checkpoints/step-000003/model.safetensors")
-    equal = sum(int((x[k].view(torch.int16) == y[k].view(torch.int16)).sum()) for k in x)
-    assert equal / sum(v.numel() for v in x.values()) > 0.999
     assert json.loads((tmp_path / "two/run/meta.json").read_text())["world_size"] == 2
