@@ -234,7 +234,7 @@ def run_rlopt(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     trainer.grpo_step = timed_step
     try:
-        with grpo_phases.wrapped(clock, grpo_phases.rlopt_targets(trainer)):
+        with grpo_phases.wrapped(clock, grpo_phases.rlopt_targets()):
             run_dir = trainer.train(load_config(None, None, flags), args.out, say=lambda *_: None)
     finally:  # the tests run workers in-process
         trainer.grpo_step = grpo_step

@@ -95,16 +95,17 @@ def hook_optimizer(optimizer: Any, clock: PhaseClock) -> None:
     optimizer.register_step_post_hook(lambda *_: clock.end("step"))
 
 
-def rlopt_targets(loop: Any) -> list[tuple[Any, str, str]]:
-    """What rlopt's loop calls by module-global name (its generation time comes from its metrics)."""
+def rlopt_targets() -> list[tuple[Any, str, str]]:
+    """What rlopt's GRPO step calls by module-global name (its generation time comes from its metrics)."""
     import torch
 
     from rlopt_cli.algo import grpo
+    from rlopt_cli.training import steps
 
     return [
         (grpo, "token_logprobs", "forward"),
         (torch.autograd, "backward", "backward"),
-        (loop, "clip_and_step", "step"),
+        (steps, "clip_and_step", "step"),
     ]
 
 
