@@ -55,7 +55,7 @@ def test_a_sharded_checkpoint_reads_back_and_a_damaged_one_is_one_line(
     from rlopt_cli.errors import RloptError
     from rlopt_cli.models.loading import load_policy
     from rlopt_cli.runtime.distributed import World
-    from rlopt_cli.training import sharding
+    from rlopt_cli.training import sharded_checkpoint
     from rlopt_cli.training.trainer_state import master_weights
 
     cfg = load_config(None, [*tiny_overrides, "model.warmup_steps=0"])
@@ -64,7 +64,9 @@ def test_a_sharded_checkpoint_reads_back_and_a_damaged_one_is_one_line(
     model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
     optimizer.step()  # momentum buffers: optimizer state to save
-    ckpt = sharding.save_checkpoint(tmp_path, 1, model, tokenizer, optimizer, "", "bfloat16", World.single())
+    ckpt = sharded_checkpoint.save_checkpoint(
+        tmp_path, 1, model, tokenizer, optimizer, "", "bfloat16", World.single()
+    )
     saved = {name: p.detach().clone() for name, p in model.named_parameters()}
     momenta = {name: optimizer.state[p]["momentum_buffer"].clone() for name, p in model.named_parameters()}
     assert {name: w for name, w in master_weights(ckpt)}.keys() == saved.keys()
@@ -74,7 +76,7 @@ def test_a_sharded_checkpoint_reads_back_and_a_damaged_one_is_one_line(
         for p in model.parameters():
             p.zero_()
     fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    assert sharding.load_trainer_state(ckpt, model, fresh) == 1
+    assert sharded_checkpoint.load_trainer_state(ckpt, model, fresh) == 1
     assert all(torch.equal(p, saved[name]) for name, p in model.named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(fresh.state[p]["momentum_buffer"], momenta[name]), name
@@ -82,4 +84,4 @@ def test_a_sharded_checkpoint_reads_back_and_a_damaged_one_is_one_line(
     shard = next((ckpt / "trainer_state").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(RloptError, match=rf"checkpoint {ckpt} is unreadable \(.*\); move it away"):
-        sharding.load_trainer_state(ckpt, model, fresh)
+        sharded_checkpoint.load_trainer_state(ckpt, model, fresh)

@@ -49,7 +49,7 @@ from rlopt_cli.runtime.distributed import World
 from rlopt_cli.runtime.folder_lock import FolderLock, make_folder
 from rlopt_cli.runtime.kill_points import kill_point
 from rlopt_cli.tasks import Task, build_task
-from rlopt_cli.training import sharding
+from rlopt_cli.training import sharded_checkpoint, sharding
 from rlopt_cli.training.checkpoint import load_trainer_state, prune_checkpoints, save_checkpoint, step_dir
 from rlopt_cli.training.evaluation import evaluate
 from rlopt_cli.training.progress import progress_bar, progress_info
@@ -57,6 +57,7 @@ from rlopt_cli.training.reference import Reference, reference_dtype
 from rlopt_cli.training.run_folder import claim_run, inspect_run, summarize, update_meta, write_meta
 from rlopt_cli.training.steps import grpo_step, sft_step
 from rlopt_cli.training.tracking import MetricsFile, NullSink, Sink, WandbSink, read_metrics
+from rlopt_cli.training.trainer_state import is_dcp
 from rlopt_cli.training.update_fraction import UpdateReference
 from rlopt_cli.training.warmup import needs_warm_up, warm_run_dir, warm_start
 
@@ -141,7 +142,7 @@ def run_training(
     backend = make_backend(cfg.rollout.backend, model, tokenizer, cfg)
     save = save_checkpoint
     if world.sharded:  # checkpoints go through DCP
-        save = partial(sharding.save_checkpoint, world=world)
+        save = partial(sharded_checkpoint.save_checkpoint, world=world)
         if cfg.rollout.backend == "hf":  # the sampler's ranks vote on when every row has finished
             templated = uses_chat_template(tokenizer, cfg.task.chat_template)
             backend = sharding.ShardedHFBackend(model, tokenizer, templated, agree=world.all_true)
@@ -153,8 +154,8 @@ def run_training(
         start_step = 0
     else:  # from step 0 this restores the starting weights and RNG, and the optimizer starts fresh as it did
         load = load_trainer_state
-        if world.sharded or sharding.is_dcp(state.resume_from):  # DCP reshards to any number of processes
-            load = sharding.load_trainer_state
+        if world.sharded or is_dcp(state.resume_from):  # DCP reshards to any number of processes
+            load = sharded_checkpoint.load_trainer_state
         start_step = load(state.resume_from, model, optimizer)
         backend.sync_weights(model)
         say(f"resuming {run_dir.name} from step {start_step}")
